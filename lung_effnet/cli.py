@@ -1,0 +1,122 @@
+"""The ``lung-effnet`` command: one sub-command per pipeline stage.
+
+Errors in what the user gave (a missing path, a bad CSV, a bad option) end with one line on
+stderr naming the path or key, and exit code 2; problems with single files never stop a run,
+they become rows of ``errors.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+
+log = logging.getLogger("lung_effnet")
+
+
+def _add_synth(sub) -> None:
+    p = sub.add_parser(
+        "synth", help="write a synthetic chest-CT phantom dataset (DICOM, NIfTI or IQ-OTH/NCCD-style JPG)",
+        description="Write synthetic chest CT phantoms with benign, malignant or no nodules, lesion masks and "
+                    "labels. Deterministic by --seed. The class shows only in lesion morphology.")
+    p.add_argument("out", type=Path, help="output folder (created)")
+    p.add_argument("--format", choices=["dicom", "nifti", "jpg"], default="dicom", help="file format (default: dicom)")
+    p.add_argument("--patients", type=int, default=12, help="number of patients (default: 12)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--size", type=int, default=128, help="image size in pixels, square (default: 128)")
+    p.add_argument("--slices", type=int, default=24, help="slices per patient volume (default: 24)")
+    p.add_argument("--compression", choices=["none", "jpeg2000", "jpegls", "rle"], default="none",
+                   help="DICOM transfer syntax, lossless (default: none = explicit VR little endian)")
+    p.add_argument("--storage", choices=["signed", "unsigned"], default="signed",
+                   help="DICOM pixel storage: signed int16, or unsigned uint16 with intercept -1024 (default: signed)")
+    p.add_argument("--extras", action="store_true", help="DICOM: add localizers and SR documents, as real archives have")
+
+
+def _add_ingest(sub) -> None:
+    p = sub.add_parser(
+        "ingest", help="index a CT source: manifest, series, file ledger and errors",
+        description="Read a source (a folder per class, a manifest CSV, or a tree of DICOM/NIfTI studies) and "
+                    "write manifest.csv (when labels are known), series.csv, files.csv (one row per input file), "
+                    "errors.csv and ingest.json to --out. Without labels it is an inventory of what can be used.")
+    p.add_argument("source", type=Path, help="folder or manifest CSV")
+    p.add_argument("--out", type=Path, required=True, help="output folder (created)")
+    p.add_argument("--labels", type=Path, help="labels CSV for a DICOM/NIfTI tree: label + series_uid, path, study_id or patient_id")
+    p.add_argument("--nifti", action="store_true", help="also write each series as nifti/<series>.nii.gz")
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the main job on embedded defaults: synthetic DICOM archive -> ingest",
+                       description="Write a synthetic DICOM archive (with a localizer and an SR, as real archives "
+                                   "have) and ingest it. Needs no data and no network.")
+    p.add_argument("--out", type=Path, default=Path("demo_output"), help="output folder (default: demo_output)")
+    p.add_argument("--patients", type=int, default=12, help="synthetic patients (default: 12)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lung-effnet",
+        description="CT lung-cancer classification (benign / malignant / normal) with MONAI EfficientNet: "
+                    "ingest CT data, make synthetic phantoms. Run 'lung-effnet COMMAND --help' for details.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_synth(sub)
+    _add_ingest(sub)
+    _add_demo(sub)
+    return parser
+
+
+def cmd_synth(args) -> int:
+    from .data.synthetic_dataset import write_synthetic_dataset
+
+    if args.patients < 1 or args.size < 32 or args.slices < 1:
+        raise UsageError("--patients must be >= 1, --size >= 32 and --slices >= 1")
+    out = write_synthetic_dataset(
+        args.out, args.format, n_patients=args.patients, seed=args.seed, size_px=args.size,
+        n_slices=args.slices, compression=None if args.compression == "none" else args.compression,
+        storage=args.storage, extras=args.extras)
+    print(f"wrote {args.patients} synthetic patients ({args.format}) to {out}")
+    return 0
+
+
+def cmd_ingest(args) -> int:
+    from .data.ingest import ingest
+    from .console import print_ingest_summary
+
+    if args.labels is not None and not args.labels.is_file():
+        raise UsageError(f"--labels: file not found: {args.labels}")
+    result = ingest(args.source, args.out, labels_csv=args.labels, write_nifti=args.nifti, progress=not args.quiet)
+    print_ingest_summary(result.summary(), args.out)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from pipelines.demo import run_demo
+
+    run_demo(args.out, n_patients=args.patients, seed=args.seed, progress=not args.quiet)
+    return 0
+
+
+class UsageError(Exception):
+    """A bad option or input: reported as one line, exit code 2."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    from .data.manifest import ManifestError
+
+    handler = {"synth": cmd_synth, "ingest": cmd_ingest, "demo": cmd_demo}[args.command]
+    try:
+        return handler(args)
+    except (UsageError, ManifestError, FileNotFoundError, NotADirectoryError) as exc:
+        print(f"lung-effnet {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Plain-text tables for the terminal (what a researcher reads at the end of a run)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def format_table(header: list[str], rows: list[list], title: str = "") -> str:
+    """A fixed-width table; numbers right-aligned, text left-aligned."""
+    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    numeric = [all(_is_number(r[i]) for r in cells[1:]) for i in range(len(header))]
+
+    def line(r):
+        return "  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(r, widths, numeric)).rstrip()
+
+    out = [title] if title else []
+    out += [line(cells[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in cells[1:]]
+    return "\n".join(out)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def print_ingest_summary(summary: dict, out_dir: Path) -> None:
+    """Samples and patients per class, series read, files not used by reason."""
+    print()
+    if summary["labels_known"]:
+        rows = [[c, v["samples"], v["patients"]] for c, v in summary["per_class"].items()]
+        rows.append(["total", summary["samples"], sum(v["patients"] for v in summary["per_class"].values())])
+        print(format_table(["class", "samples", "patients"], rows, "Samples"))
+        print()
+    by_status = summary["series_by_status"]
+    print(format_table(["series", "count"], [[s, n] for s, n in sorted(by_status.items())] + [["total", summary["series"]]],
+                       "Series and volumes found"))
+    print()
+    files = summary["files"]
+    print(f"Files: {sum(files.values())} in = {files['used']} used + {files['skipped']} skipped + {files['failed']} failed")
+    if summary["not_used_by_reason"]:
+        print(format_table(["status", "files", "reason"],
+                           [[r["status"], r["files"], r["reason"]] for r in summary["not_used_by_reason"]]))
+    print()
+    for warning in summary["warnings"]:
+        print(f"WARNING: {warning}\n")
+    print(f"Outputs in {out_dir}: " + ", ".join(
+        n for n in ("manifest.csv", "series.csv", "files.csv", "errors.csv", "ingest.json") if (Path(out_dir) / n).exists()))

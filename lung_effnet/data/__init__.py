@@ -1,0 +1,1 @@
+"""CT data layer: readers, manifests, synthetic phantoms, and the ingest stage."""

@@ -1,0 +1,116 @@
+"""Decode one indexed DICOM series into a ``Volume`` in HU (the second pass after ``dicom_index``).
+
+Pixel data of every transfer syntax pydicom can decode is read through its plugins: native,
+deflated, big-endian, RLE, JPEG baseline/extended/lossless (pylibjpeg-libjpeg), JPEG-LS
+(pylibjpeg-libjpeg / pyjpegls) and JPEG 2000 (pylibjpeg-openjpeg). A slice that fails to decode
+becomes a ``failed`` ledger row; the series is built from the rest and flagged.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from pydicom.pixels import pixel_array
+
+from .dicom_index import SeriesIndex, SliceHeader
+from .ledger import Ledger
+from .volume import Volume, affine_from_lps, spacing_of, to_canonical
+
+GAP_FACTOR = 1.5
+"""Neighbouring slices further apart than this many times the median spacing mark a gap."""
+
+
+def read_stored_pixels(header: SliceHeader) -> np.ndarray:
+    """The stored values of one slice, ``(Rows, Columns)`` in their stored integer type.
+
+    Natively stored pixels are read straight from the offset the index found (no second header
+    parse: this is what makes the two-pass reader as fast as one ``dcmread``); anything else,
+    compressed syntaxes included, goes through pydicom's decoders and plugins.
+    """
+    layout = header.pixel
+    if layout is not None:
+        rows, cols = header.shape
+        dtype = np.dtype(layout.dtype)
+        with open(header.path, "rb") as fh:
+            fh.seek(layout.offset)
+            element = fh.read(layout.header_bytes)
+            length = int.from_bytes(element[-4:], "little" if layout.dtype[0] == "<" else "big")
+            tag_ok = element[:4] == (b"\xe0\x7f\x10\x00" if layout.dtype[0] == "<" else b"\x7f\xe0\x00\x10")
+            if tag_ok and length >= rows * cols * dtype.itemsize:
+                stored = np.fromfile(fh, dtype=dtype, count=rows * cols)
+                if stored.size == rows * cols:
+                    return stored.reshape(rows, cols)
+            # Anything unexpected (odd element, truncated file): let pydicom decide and explain.
+    return pixel_array(header.path)
+
+
+def decode_slice_hu(header: SliceHeader, out: np.ndarray | None = None) -> np.ndarray:
+    """Decode one slice file to HU: ``(Rows, Columns)`` float32 = stored * slope + intercept.
+
+    pydicom already honours PixelRepresentation (signed / unsigned storage) and the signedness
+    quirks of JPEG-LS / JPEG 2000 codestreams, so the rescale applies to correctly typed values.
+    ``out``, if given, is filled in place (no temporary per slice).
+    """
+    stored = read_stored_pixels(header)
+    if stored.shape != header.shape:
+        raise ValueError(f"decoded shape {stored.shape} differs from Rows x Columns {header.shape}")
+    hu = np.empty(header.shape, np.float32) if out is None else out
+    np.copyto(hu, stored, casting="unsafe")
+    if header.slope != 1.0:
+        hu *= np.float32(header.slope)
+    if header.intercept != 0.0:
+        hu += np.float32(header.intercept)
+    return hu
+
+
+def slice_spacing(positions: np.ndarray, thickness: float) -> tuple[float, list[str]]:
+    """Distance between slice centres (median of neighbours, mm) and a warning per gap found."""
+    if len(positions) < 2:
+        return (thickness if thickness > 0 else 1.0), []
+    steps = np.diff(positions)
+    dz = float(np.median(steps))
+    gaps = [
+        f"gap in slice positions: {steps[i]:.2f} mm between slices {i} and {i + 1} (median {dz:.2f} mm)"
+        for i in np.flatnonzero(steps > GAP_FACTOR * dz)
+    ]
+    return dz, gaps
+
+
+def load_series(entry: SeriesIndex, ledger: Ledger) -> Volume | None:
+    """Decode a series' slices, in index order, into a canonical-orientation ``Volume``.
+
+    Returns ``None`` (every file marked failed) when no slice decodes.
+    """
+    if not entry.slices:
+        return None
+    rows, cols = entry.slices[0].shape
+    stack = np.empty((len(entry.slices), rows, cols), np.float32)  # (Z, Y, X), filled in place
+    good = []
+    for header in entry.slices:
+        try:
+            decode_slice_hu(header, out=stack[len(good)])
+            good.append(header)
+        except Exception as exc:  # truncated, no pixel data, unsupported codec: one row, go on
+            ledger.failed(header.rel, "decode", f"pixel data not decodable: {type(exc).__name__}: {exc}"[:300], entry.series_uid)
+    if not good:
+        return None
+    stack = stack[: len(good)]
+    warnings = [f"{len(entry.slices) - len(good)} slice(s) failed to decode"] if len(good) < len(entry.slices) else []
+    if entry.dropped:
+        warnings.append(f"{len(entry.dropped)} file(s) left out of the series at indexing")
+    first = good[0]
+    dz, gaps = slice_spacing(np.array([h.position for h in good]), first.thickness)
+    warnings += gaps
+    # Direction cosines are often written with a few digits: renormalise so spacing stays exact.
+    row_dir = np.array(first.orientation[:3]) / np.linalg.norm(first.orientation[:3])
+    col_dir = np.array(first.orientation[3:]) / np.linalg.norm(first.orientation[3:])
+    normal = np.cross(row_dir, col_dir)
+    dy, dx = first.pixel_spacing
+    affine = affine_from_lps(first.origin, row_dir, col_dir, normal / np.linalg.norm(normal), (dz, dy, dx))
+    # Reorient the (X, Y, Z) view: a feet-first or prone series ends up in the same canonical
+    # layout as a head-first supine one; for the usual orientation this copies nothing.
+    hu, affine, transform = to_canonical(stack.transpose(2, 1, 0), affine)
+    files = [h.rel for h in good]
+    if transform[2, 1] < 0:  # the slice axis was reversed
+        files.reverse()
+    return Volume(hu=hu, spacing=spacing_of(affine), affine=affine, series_uid=entry.series_uid,
+                  source_files=files, warnings=warnings)
