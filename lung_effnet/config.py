@@ -1,0 +1,240 @@
+"""Experiment configuration: plain YAML, validated into typed dataclasses.
+
+A config file holds any subset of the sections below; everything else takes the defaults written
+here (``configs/default.yaml`` spells them all out). Loading checks every name and type: an
+unknown key or a bad value stops with one line naming the key (``ConfigError``). Overrides from
+the command line use dotted keys: ``--set train.epochs=3 --set model.name=efficientnet-b1``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+"""The ``configs/`` folder of the source tree (named configs: ``default``, ``paper_b1``, ``demo_cpu``)."""
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    """Preprocessing: what the model sees. Sizes in pixels, HU for windows, mm for spacing."""
+
+    image_size: int = 224                 # model input is (C, image_size, image_size)
+    window_center: float = -600.0         # lung window, HU
+    window_width: float = 1500.0          # HU
+    spacing_mm: float | None = None       # resample volumes in-plane to this pixel size; None keeps it
+    slices: str = "lesion"                # volumes: "lesion" (slices with mask > 0; all slices where the mask is empty) or "all"
+    context_slices: int = 0               # 0: 1 channel; 1: 3 channels (slices k-1, k, k+1) as 2.5D
+    crop_to_body: bool = True             # crop each slice to the body's bounding box before resizing
+    cache_dir: str | None = None          # preprocessed tensors; None: <out>/../cache next to the run
+
+
+@dataclass
+class AugmentConfig:
+    """Training-time augmentation (MONAI transforms); probabilities in [0, 1]."""
+
+    flip_prob: float = 0.5                # left-right flip
+    rotate_deg: float = 10.0              # uniform in [-rotate_deg, rotate_deg]
+    zoom: float = 0.1                     # scale in [1 - zoom, 1 + zoom]
+    intensity_shift: float = 0.05         # added to [0, 1] intensities
+    intensity_scale: float = 0.1          # multiplied by 1 +- this
+    noise_std: float = 0.02               # Gaussian noise on [0, 1] intensities
+    prob: float = 0.8                     # probability of each spatial / intensity transform
+
+
+@dataclass
+class ModelConfig:
+    name: str = "efficientnet-b0"
+    pretrained_weights: str | None = None  # local file with an ImageNet state dict (MONAI naming)
+    dropout: float | None = None           # before the head; None: the variant's default
+    drop_connect: float = 0.2
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 32
+    optimizer: str = "adamw"               # "adam" or "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    scheduler: str = "cosine"              # "cosine" (with warmup), "plateau" or "none"
+    warmup_epochs: int = 1
+    plateau_factor: float = 0.3
+    plateau_patience: int = 5
+    early_stopping_patience: int = 10      # epochs without a better validation macro AUROC
+    class_balance: str = "sampler"         # "sampler" (balanced batches), "weights" (weighted loss) or "none"
+    label_smoothing: float = 0.0
+    val_fraction: float = 0.1              # of each fold's training patients, for early stopping
+    amp: bool = True                       # bf16 autocast on CUDA; CPU always runs fp32
+    channels_last: bool = True             # on CUDA
+    num_workers: int = 0
+    device: str = "auto"                   # "auto", "cpu" or "cuda"
+
+
+@dataclass
+class CVConfig:
+    folds: int = 5
+    test_fraction: float = 0.0             # patients held out of CV altogether, for a final test
+
+
+@dataclass
+class TrackingConfig:
+    experiment: str = "lung-effnet"
+    tracking_uri: str | None = None        # None: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here
+    register_model: str | None = None      # registry name for the fold ensemble; None: not registered
+    alias: str = "candidate"
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cv: CVConfig = field(default_factory=CVConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, object]:
+        """``{"train.lr": 0.001, ...}``: for MLflow params."""
+        out = {}
+        for section, values in self.to_dict().items():
+            if isinstance(values, dict):
+                out.update({f"{section}.{k}": v for k, v in values.items()})
+            else:
+                out[section] = values
+        return out
+
+
+CHOICES = {
+    "data.slices": ("lesion", "all"),
+    "data.context_slices": (0, 1),
+    "train.optimizer": ("adam", "adamw"),
+    "train.scheduler": ("cosine", "plateau", "none"),
+    "train.class_balance": ("sampler", "weights", "none"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "model.name": tuple(f"efficientnet-b{i}" for i in range(8)),
+}
+POSITIVE = {"data.image_size", "data.window_width", "train.epochs", "train.batch_size", "train.lr", "cv.folds"}
+PROBABILITIES = {"augment.flip_prob", "augment.prob"}                     # in [0, 1]
+FRACTIONS = {"train.val_fraction", "cv.test_fraction", "model.drop_connect", "model.dropout",
+             "train.label_smoothing"}                                        # in [0, 1)
+
+
+def _coerce(key: str, value, hint):
+    """Check ``value`` against a field's type hint; ints are accepted for floats."""
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), hint) if args else hint
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key}: must not be empty (expected {base.__name__})")
+    if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if base is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if base in (str, bool) and isinstance(value, base):
+        return value
+    raise ConfigError(f"{key}: expected {base.__name__}{' or null' if optional else ''}, got {value!r}")
+
+
+def _check_ranges(cfg: Config) -> None:
+    flat = cfg.flat()
+    for key, allowed in CHOICES.items():
+        if flat[key] not in allowed:
+            raise ConfigError(f"{key}: {flat[key]!r} is not one of {', '.join(map(str, allowed))}")
+    for key in POSITIVE:
+        if flat[key] <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {flat[key]!r}")
+    for key in PROBABILITIES:
+        if not 0 <= flat[key] <= 1:
+            raise ConfigError(f"{key}: must be in [0, 1], got {flat[key]!r}")
+    for key in FRACTIONS:
+        if flat[key] is not None and not 0 <= flat[key] < 1:
+            raise ConfigError(f"{key}: must be in [0, 1), got {flat[key]!r}")
+    if cfg.cv.folds < 2:
+        raise ConfigError(f"cv.folds: needs at least 2 folds, got {cfg.cv.folds}")
+
+
+def from_dict(raw: dict | None) -> Config:
+    """Build a validated ``Config`` from nested dicts (missing keys take defaults)."""
+    raw = dict(raw or {})
+    cfg = Config()
+    hints = typing.get_type_hints(Config)
+    for key, value in raw.items():
+        if key not in hints:
+            raise ConfigError(f"{key}: unknown key (known: {', '.join(hints)})")
+        section_type = hints[key]
+        if not dataclasses.is_dataclass(section_type):
+            setattr(cfg, key, _coerce(key, value, section_type))
+            continue
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of settings, got {value!r}")
+        section = getattr(cfg, key)
+        field_hints = typing.get_type_hints(section_type)
+        for name, item in value.items():
+            if name not in field_hints:
+                raise ConfigError(f"{key}.{name}: unknown key (known: {', '.join(field_hints)})")
+            setattr(section, name, _coerce(f"{key}.{name}", item, field_hints[name]))
+    _check_ranges(cfg)
+    return cfg
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A path as given, or a named config in ``configs/`` (``demo_cpu`` -> ``configs/demo_cpu.yaml``)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    named = CONFIG_DIR / f"{path.stem}.yaml"
+    if path.suffix in ("", ".yaml") and named.is_file():
+        return named
+    raise ConfigError(f"config file not found: {name_or_path}")
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """``"train.lr=3e-4"`` -> ``("train.lr", 0.0003)``; the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value")
+    key, value = text.split("=", 1)
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: cannot read value {value!r}: {exc}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or only defaults), apply ``key=value`` overrides, validate."""
+    raw: dict = {}
+    if path is not None:
+        resolved = resolve_config_path(path)
+        try:
+            raw = yaml.safe_load(resolved.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{resolved}: not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{resolved}: expected a mapping at the top level")
+    for text in overrides or []:
+        key, value = parse_override(text)
+        parts = key.split(".")
+        if len(parts) == 1:
+            raw[key] = value
+        elif len(parts) == 2:
+            section = raw.setdefault(parts[0], {})
+            if not isinstance(section, dict):
+                raise ConfigError(f"--set {key}: {parts[0]} is not a section")
+            section[parts[1]] = value
+        else:
+            raise ConfigError(f"--set {key}: keys are section.name")
+    return from_dict(raw)

@@ -1,0 +1,114 @@
+"""Deterministic preprocessing as MONAI dictionary transforms: what is done once and cached.
+
+Input dict: ``image`` ``(C, H, W)`` float32 in the source unit (HU, or an already windowed grey
+level 0..255), optional ``mask`` ``(1, H, W)``, ``spacing`` ``(dy, dx)`` mm or ``None``.
+Output: ``image`` ``(C, S, S)`` float32 in [0, 1] and ``mask`` ``(1, S, S)`` uint8, S = image_size.
+
+Chain: (volumes) resample in-plane to ``spacing_mm`` -> HU window to [0, 1] (grey images are
+only rescaled: they are windowed already, windowing twice would crush them) -> crop to the body's
+bounding box -> pad to a square -> resize to S x S. Random augmentation is not here: it runs on
+whole batches on the training device (``lung_effnet.augment``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import (Compose, CropForegroundd, EnsureTyped, MapTransform, Resized,
+                              ScaleIntensityRanged, Spacingd, SpatialPadd)
+
+from ..config import DataConfig
+from .samples import GRAY, HU
+
+BODY_HU = -500.0
+"""Tissue denser than this is body (lungs are inside its outline); air and blankets are not."""
+BODY_GRAY = 0.2
+"""For already windowed images: the fraction of full scale above which a pixel is body."""
+
+
+class AboveThreshold:
+    """``select_fn`` for CropForeground that pickles (a lambda would not cross to worker processes)."""
+
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+
+    def __call__(self, x):
+        return x > self.threshold
+
+
+class PadToSquared(MapTransform):
+    """Pad the spatial dims symmetrically to a square (the larger side), so resize keeps aspect."""
+
+    def __call__(self, data):
+        d = dict(data)
+        side = max(d[self.keys[0]].shape[1:])
+        return SpatialPadd(self.keys, spatial_size=(side, side), mode="constant", value=0.0)(d)
+
+
+def body_threshold(cfg: DataConfig, unit: str) -> float:
+    """The body threshold on the [0, 1] scale produced by the window (HU) or the rescale (grey)."""
+    if unit == GRAY:
+        return BODY_GRAY
+    low = cfg.window_center - cfg.window_width / 2
+    return float(np.clip((BODY_HU - low) / cfg.window_width, 0.0, 1.0))
+
+
+def preprocess_chain(cfg: DataConfig, unit: str, with_mask: bool, resample: bool) -> Compose:
+    """The MONAI chain for one unit (``"HU"`` or ``"gray"``); see the module docstring."""
+    key = (tuple(sorted(vars(cfg).items())), unit, with_mask, resample)
+    if key not in _CHAINS:
+        _CHAINS[key] = _build_chain(cfg, unit, with_mask, resample)
+    return _CHAINS[key]
+
+
+_CHAINS: dict = {}
+
+
+def _build_chain(cfg: DataConfig, unit: str, with_mask: bool, resample: bool) -> Compose:
+    keys = ["image", "mask"] if with_mask else ["image"]
+    modes_interp = ("bilinear", "nearest")[: len(keys)]
+    modes_resize = ("area", "nearest-exact")[: len(keys)]
+    steps = []
+    if resample and cfg.spacing_mm and unit == HU:
+        steps.append(Spacingd(keys, pixdim=(cfg.spacing_mm, cfg.spacing_mm), mode=modes_interp))
+    if unit == HU:
+        low = cfg.window_center - cfg.window_width / 2
+        steps.append(ScaleIntensityRanged("image", a_min=low, a_max=low + cfg.window_width, b_min=0.0, b_max=1.0, clip=True))
+    else:
+        steps.append(ScaleIntensityRanged("image", a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0, clip=True))
+    if cfg.crop_to_body:
+        steps.append(CropForegroundd(keys, source_key="image", select_fn=AboveThreshold(body_threshold(cfg, unit)),
+                                     margin=2, allow_smaller=True))
+    steps += [
+        PadToSquared(keys),
+        Resized(keys, spatial_size=(cfg.image_size, cfg.image_size), mode=modes_resize),
+        EnsureTyped(keys, data_type="tensor", track_meta=False),
+    ]
+    return Compose(steps)
+
+
+def preprocess_sample(image: np.ndarray, unit: str, cfg: DataConfig, mask: np.ndarray | None = None,
+                      spacing: tuple[float, float] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run the chain on one sample.
+
+    Args:
+        image: ``(C, H, W)`` float32, HU or grey 0..255 (16-bit grey is scaled to 0..255 first).
+        unit: ``"HU"`` or ``"gray"``.
+        mask: optional ``(1, H, W)`` lesion mask (> 0 inside).
+        spacing: ``(dy, dx)`` mm, for resampling volumes; ``None`` skips resampling.
+
+    Returns:
+        ``(image, mask)``: ``(C, S, S)`` float32 in [0, 1] and ``(1, S, S)`` uint8 (or ``None``).
+    """
+    image = np.asarray(image, dtype=np.float32)
+    if unit == GRAY and image.max(initial=0) > 255:
+        image = image / 257.0  # 16-bit grey to the 8-bit scale
+    affine = np.diag([spacing[0], spacing[1], 1.0, 1.0]) if spacing else np.eye(4)
+    data = {"image": MetaTensor(torch.from_numpy(image), affine=torch.as_tensor(affine))}
+    if mask is not None:
+        data["mask"] = MetaTensor(torch.from_numpy((np.asarray(mask) > 0).astype(np.float32)), affine=torch.as_tensor(affine))
+    out = preprocess_chain(cfg, unit, mask is not None, resample=spacing is not None)(data)
+    image_out = out["image"].float().clamp_(0.0, 1.0)
+    mask_out = (out["mask"] > 0.5).to(torch.uint8) if mask is not None else None
+    return image_out, mask_out

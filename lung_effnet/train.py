@@ -1,0 +1,246 @@
+"""One fold's training loop: balanced batches, batched augmentation, AMP on CUDA, early stopping
+on validation macro AUROC, a checkpoint every epoch, and resume to the same result.
+
+The training images live as one ``(N, C, S, S)`` float16 tensor (from the cache), moved to the GPU
+once when there is room, so a step is: index a batch, augment it on the device, forward/backward.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import CLASSES
+from .augment import augment_batch
+from .config import Config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FoldData:
+    """A fold's tensors: images ``(N, C, S, S)`` float16 in [0, 1], labels ``(N,)`` int64."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto``: CUDA when available, else CPU. Asking for ``cuda`` without one is an error."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is available")
+    if name in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def autocast_for(device: torch.device, amp: bool):
+    """bf16 autocast on CUDA when ``amp``; a no-op context on CPU (fp32 there, deterministic)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
+
+
+@torch.no_grad()
+def predict_proba(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 64, amp: bool = True) -> np.ndarray:
+    """Class probabilities ``(N, 3)`` float64 for images ``(N, C, S, S)`` in [0, 1]."""
+    device = next(model.parameters()).device
+    model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = images[start:start + batch_size].to(device, non_blocking=True).float()
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast_for(device, amp):
+            logits = model(x)
+        out.append(torch.softmax(logits.float(), dim=1).cpu())
+    if not out:
+        return np.zeros((0, len(CLASSES)))
+    return torch.cat(out).double().numpy()
+
+
+def class_counts(y: torch.Tensor) -> torch.Tensor:
+    return torch.bincount(y.cpu(), minlength=len(CLASSES)).float()
+
+
+def epoch_order(y: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
+    """Row order for one epoch: a permutation, or (``sampler``) N draws with replacement where
+    every class is equally likely, so rare classes are seen as often as common ones."""
+    n = len(y)
+    if mode != "sampler":
+        return torch.randperm(n, generator=gen)
+    counts = class_counts(y)
+    weights = (1.0 / counts.clamp(min=1))[y.cpu()]
+    return torch.multinomial(weights, n, replacement=True, generator=gen)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
+    return cls(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+
+
+def make_scheduler(optimizer, cfg: Config, steps_per_epoch: int):
+    """Cosine decay per step after a linear warmup, or reduce-on-plateau on validation AUROC."""
+    t = cfg.train
+    if t.scheduler == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=t.plateau_factor, patience=t.plateau_patience)
+    if t.scheduler == "none":
+        return None
+    warmup, total = t.warmup_epochs * steps_per_epoch, max(1, t.epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _save_atomic(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class FoldTrainer:
+    """Trains one fold; ``fold_dir`` holds ``last.pt`` (full state, every epoch) and ``best.pt``."""
+
+    def __init__(self, model: torch.nn.Module, data: FoldData, cfg: Config, fold_dir: Path, seed: int):
+        self.cfg, self.fold_dir, self.seed = cfg, Path(fold_dir), seed
+        self.device = resolve_device(cfg.train.device)
+        self.model = model.to(self.device)
+        if self.device.type == "cuda" and cfg.train.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.data = self._place(data)
+        self.optimizer = make_optimizer(self.model, cfg)
+        self.steps_per_epoch = max(1, len(data.train_y) // cfg.train.batch_size)
+        self.scheduler = make_scheduler(self.optimizer, cfg, self.steps_per_epoch)
+        weights = None
+        if cfg.train.class_balance == "weights":
+            counts = class_counts(data.train_y)
+            weights = (counts.sum() / (len(CLASSES) * counts.clamp(min=1))).to(self.device)
+        self.loss_weights = weights
+        self.sample_gen = torch.Generator().manual_seed(seed)
+        self.aug_gen = torch.Generator(device=self.device).manual_seed(seed + 1)
+        self.epoch, self.best_score, self.best_epoch, self.bad_epochs, self.history = 0, -math.inf, -1, 0, []
+
+    def _place(self, data: FoldData) -> FoldData:
+        """Keep the whole fold on the GPU when it fits in a quarter of free memory; else pin it."""
+        if self.device.type != "cuda":
+            return data
+        need = sum(t.numel() * t.element_size() for t in (data.train_x, data.val_x))
+        free, _ = torch.cuda.mem_get_info(self.device)
+        if need < free / 4:
+            return FoldData(*(t.to(self.device) for t in (data.train_x, data.train_y, data.val_x, data.val_y)))
+        return FoldData(*(t.pin_memory() for t in (data.train_x, data.train_y, data.val_x, data.val_y)))
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {
+            "epoch": self.epoch, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "sample_gen": self.sample_gen.get_state(), "aug_gen": self.aug_gen.get_state(),
+            "torch_rng": torch.get_rng_state(), "best_score": self.best_score, "best_epoch": self.best_epoch,
+            "bad_epochs": self.bad_epochs, "history": self.history,
+        }
+
+    def resume(self) -> bool:
+        """Continue from ``last.pt`` if a previous run left one. Returns whether it did."""
+        path = self.fold_dir / "last.pt"
+        if not path.exists():
+            return False
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.sample_gen.set_state(state["sample_gen"])
+        self.aug_gen.set_state(state["aug_gen"])
+        torch.set_rng_state(state["torch_rng"])
+        for key in ("epoch", "best_score", "best_epoch", "bad_epochs", "history"):
+            setattr(self, key, state[key])
+        log.info("resumed %s at epoch %d", self.fold_dir.name, self.epoch)
+        return True
+
+    # -- the loop -----------------------------------------------------------------------------
+    def train_epoch(self) -> float:
+        cfg, d = self.cfg, self.data
+        self.model.train()
+        order = epoch_order(d.train_y, cfg.train.class_balance, self.sample_gen)
+        total, n = 0.0, 0
+        for step in range(self.steps_per_epoch):
+            idx = order[step * cfg.train.batch_size:(step + 1) * cfg.train.batch_size]
+            idx = idx.to(d.train_x.device)
+            x = d.train_x[idx].to(self.device, non_blocking=True)
+            y = d.train_y[idx].to(self.device, non_blocking=True)
+            x = augment_batch(x, cfg.augment, self.aug_gen).float()
+            if self.device.type == "cuda" and cfg.train.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast_for(self.device, cfg.train.amp):
+                logits = self.model(x)
+            loss = F.cross_entropy(logits.float(), y, weight=self.loss_weights, label_smoothing=cfg.train.label_smoothing)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            if self.scheduler is not None and cfg.train.scheduler == "cosine":
+                self.scheduler.step()
+            total += float(loss.detach()) * len(idx)
+            n += len(idx)
+        return total / max(n, 1)
+
+    def validate(self) -> dict:
+        from .evaluate import classification_metrics
+
+        d = self.data
+        if len(d.val_y) == 0:
+            return {}
+        proba = predict_proba(self.model, d.val_x, amp=self.cfg.train.amp)
+        y = d.val_y.cpu().numpy()
+        metrics = classification_metrics(y, proba)
+        metrics["loss"] = float(F.nll_loss(torch.log(torch.from_numpy(proba).clamp(min=1e-7)), torch.from_numpy(y)))
+        return metrics
+
+    def fit(self, on_epoch=None, progress: bool = True) -> dict:
+        """Train until ``train.epochs`` or early stopping; leave the best weights in the model.
+
+        ``on_epoch(epoch, metrics)`` is called after each epoch (MLflow logging).
+        Returns ``{"best_epoch", "best_val_auroc", "epochs_run", "history"}``.
+        """
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg.train
+        self.fold_dir.mkdir(parents=True, exist_ok=True)
+        self.resume()
+        bar = tqdm(total=cfg.epochs, initial=self.epoch, desc=self.fold_dir.name, unit="epoch", disable=not progress, leave=False)
+        while self.epoch < cfg.epochs and self.bad_epochs < cfg.early_stopping_patience:
+            train_loss = self.train_epoch()
+            val = self.validate()
+            # Without validation patients, the last epoch is kept (score rises with the epoch).
+            score = val.get("auroc_macro", float("nan")) if val else float(self.epoch)
+            score = -val["loss"] if val and not np.isfinite(score) else score
+            if self.scheduler is not None and cfg.scheduler == "plateau":
+                self.scheduler.step(score)
+            record = {"epoch": self.epoch, "train_loss": train_loss, "lr": self.optimizer.param_groups[0]["lr"],
+                      **{f"val_{k}": v for k, v in val.items() if k in ("loss", "auroc_macro", "accuracy", "balanced_accuracy")}}
+            self.history.append(record)
+            if score > self.best_score:
+                self.best_score, self.best_epoch, self.bad_epochs = score, self.epoch, 0
+                _save_atomic(self.model.state_dict(), self.fold_dir / "best.pt")
+            else:
+                self.bad_epochs += 1
+            self.epoch += 1
+            _save_atomic(self.state(), self.fold_dir / "last.pt")
+            if on_epoch is not None:
+                on_epoch(record["epoch"], record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{train_loss:.3f}", val_auroc=f"{val.get('auroc_macro', float('nan')):.3f}")
+        bar.close()
+        self.model.load_state_dict(torch.load(self.fold_dir / "best.pt", map_location=self.device, weights_only=True))
+        return {"best_epoch": self.best_epoch, "best_val_auroc": self.best_score, "epochs_run": self.epoch, "history": self.history}
