@@ -17,9 +17,15 @@ from . import __version__
 log = logging.getLogger("lung_effnet")
 
 
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    return common
+
+
 def _add_synth(sub) -> None:
     p = sub.add_parser(
-        "synth", help="write a synthetic chest-CT phantom dataset (DICOM, NIfTI or IQ-OTH/NCCD-style JPG)",
+        "synth", parents=[_common()], help="write a synthetic chest-CT phantom dataset (DICOM, NIfTI or IQ-OTH/NCCD-style JPG)",
         description="Write synthetic chest CT phantoms with benign, malignant or no nodules, lesion masks and "
                     "labels. Deterministic by --seed. The class shows only in lesion morphology.")
     p.add_argument("out", type=Path, help="output folder (created)")
@@ -37,7 +43,7 @@ def _add_synth(sub) -> None:
 
 def _add_ingest(sub) -> None:
     p = sub.add_parser(
-        "ingest", help="index a CT source: manifest, series, file ledger and errors",
+        "ingest", parents=[_common()], help="index a CT source: manifest, series, file ledger and errors",
         description="Read a source (a folder per class, a manifest CSV, or a tree of DICOM/NIfTI studies) and "
                     "write manifest.csv (when labels are known), series.csv, files.csv (one row per input file), "
                     "errors.csv and ingest.json to --out. Without labels it is an inventory of what can be used.")
@@ -48,7 +54,7 @@ def _add_ingest(sub) -> None:
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="the main job on embedded defaults: synthetic DICOM archive -> ingest",
+    p = sub.add_parser("demo", parents=[_common()], help="the main job on embedded defaults: synthetic DICOM archive -> ingest",
                        description="Write a synthetic DICOM archive (with a localizer and an SR, as real archives "
                                    "have) and ingest it. Needs no data and no network.")
     p.add_argument("--out", type=Path, default=Path("demo_output"), help="output folder (default: demo_output)")
@@ -62,7 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="CT lung-cancer classification (benign / malignant / normal) with MONAI EfficientNet: "
                     "ingest CT data, make synthetic phantoms. Run 'lung-effnet COMMAND --help' for details.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_synth(sub)
     _add_ingest(sub)
@@ -78,7 +83,7 @@ def cmd_synth(args) -> int:
     out = write_synthetic_dataset(
         args.out, args.format, n_patients=args.patients, seed=args.seed, size_px=args.size,
         n_slices=args.slices, compression=None if args.compression == "none" else args.compression,
-        storage=args.storage, extras=args.extras)
+        storage=args.storage, extras=args.extras, progress=not args.quiet)
     print(f"wrote {args.patients} synthetic patients ({args.format}) to {out}")
     return 0
 
