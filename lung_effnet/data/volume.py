@@ -28,7 +28,8 @@ class Volume:
     """A CT volume in Hounsfield units, in the canonical orientation above.
 
     Attributes:
-        hu: ``(Z, Y, X)`` float32 array in HU.
+        hu: ``(Z, Y, X)`` array in HU: int16 when every value is a whole number that fits (DICOM
+            with slope 1 and an integer intercept, the usual CT rescale), else float32.
         spacing: ``(dz, dy, dx)`` voxel size in mm (dz is the distance between slice centres).
         affine: 4x4 RAS affine of the ``(X, Y, Z)``-ordered array (``hu.transpose(2, 1, 0)``), the
             convention of nibabel and MONAI: world_mm = affine @ (x, y, z, 1).
