@@ -56,6 +56,8 @@ class ModelConfig:
     pretrained_weights: str | None = None  # local file with an ImageNet state dict (MONAI naming)
     dropout: float | None = None           # before the head; None: the variant's default
     drop_connect: float = 0.2
+    bn_momentum: float = 0.1               # BatchNorm running-stat update; MONAI's 0.01 suits ImageNet-length runs only
+    zero_init_head: bool = True            # start the classifier at uniform predictions (stable from-scratch start)
 
 
 @dataclass
@@ -129,7 +131,7 @@ CHOICES = {
 POSITIVE = {"data.image_size", "data.window_width", "train.epochs", "train.batch_size", "train.lr", "cv.folds"}
 PROBABILITIES = {"augment.flip_prob", "augment.prob"}                     # in [0, 1]
 FRACTIONS = {"train.val_fraction", "cv.test_fraction", "model.drop_connect", "model.dropout",
-             "train.label_smoothing"}                                        # in [0, 1)
+             "train.label_smoothing", "model.bn_momentum"}                                        # in [0, 1)
 
 
 def _coerce(key: str, value, hint):

@@ -41,9 +41,23 @@ class FoldEnsemble(nn.Module):
 
 
 def build_member(cfg: Config) -> nn.Module:
-    """A fold model as configured (random weights; pretrained ones only at training start)."""
-    return create_model(cfg.model.name, in_channels=2 * cfg.data.context_slices + 1, num_classes=len(CLASSES),
-                        dropout=cfg.model.dropout, drop_connect=cfg.model.drop_connect)
+    """A fold model as configured (random weights; pretrained ones only at training start).
+
+    BatchNorm momentum: MONAI builds EfficientNet with TensorFlow's 0.99 decay (momentum 0.01),
+    made for ImageNet's hundreds of thousands of steps; a fold of a few hundred steps then
+    evaluates with running statistics still near their initial values. ``model.bn_momentum``
+    (default 0.1, PyTorch's) lets them follow the data. A zero-initialised head starts every
+    class at probability 1/3, which keeps the first steps of a from-scratch run stable.
+    """
+    model = create_model(cfg.model.name, in_channels=2 * cfg.data.context_slices + 1, num_classes=len(CLASSES),
+                         dropout=cfg.model.dropout, drop_connect=cfg.model.drop_connect)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.momentum = cfg.model.bn_momentum
+    if cfg.model.zero_init_head:
+        nn.init.zeros_(model._fc.weight)
+        nn.init.zeros_(model._fc.bias)
+    return model
 
 
 def save_model_dir(model_dir: Path, cfg: Config, fold_states: list[dict]) -> Path:
