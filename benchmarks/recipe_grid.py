@@ -37,6 +37,10 @@ RECIPES = {
     "project-30ep-randhead": PROJECT + ["train.epochs=30", "model.zero_init_head=false"],
     "project-30ep-noaug": PROJECT + ["train.epochs=30", "augment.prob=0.0", "augment.flip_prob=0.0", "augment.noise_std=0.0"],
     "project-30ep-dc0.2": PROJECT + ["train.epochs=30", "model.drop_connect=0.2"],
+    # CPU-sized: what the demo can afford on 2 cores
+    "project-12ep-64px": PROJECT + ["train.epochs=12", "data.image_size=64"],
+    "project-12ep-64px-lr1e-3": PROJECT + ["train.epochs=12", "data.image_size=64", "train.lr=0.001"],
+    "tutorial-8ep-64px": TUTORIAL + ["data.image_size=64"],
 }
 
 

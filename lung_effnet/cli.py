@@ -53,6 +53,23 @@ def _add_ingest(sub) -> None:
     p.add_argument("--nifti", action="store_true", help="also write each series as nifti/<series>.nii.gz")
 
 
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train", parents=[_common()], help="patient-grouped cross-validation, tracked in MLflow",
+        description="Train one EfficientNet per fold under patient-grouped, stratified k-fold CV on SOURCE "
+                    "(anything ingest accepts) and write cv_summary.json, oof_predictions.csv, folds.csv, plots/ "
+                    "and model/ (the fold ensemble that score loads) to --out. Every run is an MLflow parent run "
+                    "with one nested run per fold.")
+    p.add_argument("--config", default="default", help="YAML config file, or a name in configs/: default, paper_b1, demo_cpu")
+    p.add_argument("--data", type=Path, required=True, help="folder or manifest CSV (as for ingest)")
+    p.add_argument("--labels", type=Path, help="labels CSV for a DICOM/NIfTI tree")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.epochs=5 (repeatable)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out (same result as uninterrupted)")
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", parents=[_common()], help="the main job on embedded defaults: synthetic DICOM archive -> ingest",
                        description="Write a synthetic DICOM archive (with a localizer and an SR, as real archives "
@@ -66,11 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lung-effnet",
         description="CT lung-cancer classification (benign / malignant / normal) with MONAI EfficientNet: "
-                    "ingest CT data, make synthetic phantoms. Run 'lung-effnet COMMAND --help' for details.")
+                    "ingest CT data, train under patient-grouped CV, make synthetic phantoms. "
+                    "Run 'lung-effnet COMMAND --help' for details.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_synth(sub)
     _add_ingest(sub)
+    _add_train(sub)
     _add_demo(sub)
     return parser
 
@@ -99,6 +118,22 @@ def cmd_ingest(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from .config import load_config
+    from .console import print_cv_summary
+    from .cv import run_cv
+
+    if args.labels is not None and not args.labels.is_file():
+        raise UsageError(f"--labels: file not found: {args.labels}")
+    if not args.data.exists():
+        raise UsageError(f"--data: not found: {args.data}")
+    cfg = load_config(args.config, args.overrides)
+    summary = run_cv(args.data, args.out, cfg, labels_csv=args.labels, tracking_uri=args.tracking_uri,
+                     resume=args.resume, progress=not args.quiet)
+    print_cv_summary(summary, args.out)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from pipelines.demo import run_demo
 
@@ -115,10 +150,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     from .data.manifest import ManifestError
 
-    handler = {"synth": cmd_synth, "ingest": cmd_ingest, "demo": cmd_demo}[args.command]
+    from .config import ConfigError
+    from .cv import RunExistsError
+    from .splits import LeakageError
+    from .tracking import TrackingError
+
+    handler = {"synth": cmd_synth, "ingest": cmd_ingest, "train": cmd_train, "demo": cmd_demo}[args.command]
     try:
         return handler(args)
-    except (UsageError, ManifestError, FileNotFoundError, NotADirectoryError) as exc:
+    except (UsageError, ManifestError, ConfigError, TrackingError, RunExistsError, LeakageError,
+            FileNotFoundError, NotADirectoryError) as exc:
         print(f"lung-effnet {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -145,6 +145,11 @@ def _coerce(key: str, value, hint):
         raise ConfigError(f"{key}: must not be empty (expected {base.__name__})")
     if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if base is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 3e-4 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if base is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if base in (str, bool) and isinstance(value, base):

@@ -49,3 +49,31 @@ def print_ingest_summary(summary: dict, out_dir: Path) -> None:
         print(f"WARNING: {warning}\n")
     print(f"Outputs in {out_dir}: " + ", ".join(
         n for n in ("manifest.csv", "series.csv", "files.csv", "errors.csv", "ingest.json") if (Path(out_dir) / n).exists()))
+
+
+CV_COLUMNS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc_macro", "auroc_benign", "auroc_malignant",
+              "auroc_normal", "ece")
+
+
+def print_cv_summary(summary: dict, out_dir: Path) -> None:
+    """Per-fold metrics, the pooled out-of-fold row with 95% CIs, warnings, and where to look next."""
+    rows = [[f"fold {f['fold']}", f["n"]] + [f"{f[c]:.3f}" for c in CV_COLUMNS] for f in summary["folds"]]
+    oof = summary["oof"]
+    rows.append(["out-of-fold", summary["n_samples"]] + [f"{oof[c]:.3f}" for c in CV_COLUMNS])
+    rows.append(["95% CI", ""] + [f"{oof[c + '_ci95'][0]:.2f}-{oof[c + '_ci95'][1]:.2f}" for c in CV_COLUMNS])
+    if "test" in summary:
+        rows.append(["held-out test", ""] + [f"{summary['test'][c]:.3f}" for c in CV_COLUMNS])
+    print()
+    print(format_table(["", "n"] + [c.replace("balanced_accuracy", "bal_acc") for c in CV_COLUMNS], rows,
+                       f"Cross-validation ({summary['n_patients']} patient groups; CIs: patient bootstrap)"))
+    for warning in summary.get("warnings", []):
+        print(f"\nWARNING: {warning}")
+    mlflow_info = summary.get("mlflow", {})
+    print(f"\nOutputs in {out_dir}: cv_summary.json, oof_predictions.csv, folds.csv, plots/, model/")
+    if mlflow_info:
+        print(f"MLflow run {mlflow_info['parent_run_id']} in experiment '{mlflow_info['experiment']}'; model {mlflow_info['model_uri']}")
+        uri = mlflow_info["tracking_uri"]
+        if uri.startswith("sqlite:"):
+            print(f"Open the MLflow UI:  mlflow ui --backend-store-uri {uri}")
+        else:
+            print(f"MLflow UI: {uri}")

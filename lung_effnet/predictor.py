@@ -176,6 +176,9 @@ def log_model_to_mlflow(predictor: Predictor, model_dir: Path, example: torch.Te
         predictor.model.cpu(), name="model", signature=signature, input_example=example_np,
         extra_files=[str(model_dir / "config.yaml"), str(model_dir / "model.json")],
         registered_model_name=register_as, pip_requirements=["torch", "monai", "lung-effnet"],
+        # pickle keeps the nn.Module (any batch size; Grad-CAM needs its layers); MLflow's pt2
+        # export would fix the batch size of the input example.
+        serialization_format="pickle",
     )
     if register_as and alias:
         from mlflow.tracking import MlflowClient

@@ -46,6 +46,15 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         raise TrackingError(f"MLflow server at {uri} is not reachable ({reason}); start it or pass --tracking-uri") from None
 
 
+def local_artifact_location(uri: str) -> str | None:
+    """For a sqlite store, artifacts go to ``mlartifacts/`` beside the database file (MLflow's own
+    default is ./mlruns relative to wherever the process happens to run); servers choose their own."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri[len("sqlite:///"):]).resolve()
+    return (db.parent / "mlartifacts").as_uri()
+
+
 class CVTracker:
     """A parent run for the CV experiment and nested fold runs, resumable from ``state_file``."""
 
@@ -59,7 +68,8 @@ class CVTracker:
         self.client = MlflowClient(tracking_uri=uri)
         try:
             found = self.client.get_experiment_by_name(experiment)
-            self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+            self.experiment_id = found.experiment_id if found else self.client.create_experiment(
+                experiment, artifact_location=local_artifact_location(uri))
         except Exception as exc:  # a store that cannot be opened: say which, in one line
             raise TrackingError(f"cannot use MLflow store {uri}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
         self.state_file = Path(state_file)

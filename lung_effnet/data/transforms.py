@@ -37,6 +37,22 @@ class AboveThreshold:
         return x > self.threshold
 
 
+class CropToBodyd(MapTransform):
+    """MONAI's CropForegroundd on the body outline, skipped when a slice has no body at all
+    (an empty slice above the shoulders, a blank image): cropping to nothing would leave 0 x 0."""
+
+    def __init__(self, keys, threshold: float, margin: int = 2):
+        super().__init__(keys)
+        self.threshold = threshold
+        self.crop = CropForegroundd(keys, source_key=keys[0], select_fn=AboveThreshold(threshold), margin=margin,
+                                    allow_smaller=True)
+
+    def __call__(self, data):
+        if not bool((data[self.keys[0]] > self.threshold).any()):
+            return dict(data)
+        return self.crop(data)
+
+
 class PadToSquared(MapTransform):
     """Pad the spatial dims symmetrically to a square (the larger side), so resize keeps aspect."""
 
@@ -78,8 +94,7 @@ def _build_chain(cfg: DataConfig, unit: str, with_mask: bool, resample: bool) ->
     else:
         steps.append(ScaleIntensityRanged("image", a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0, clip=True))
     if cfg.crop_to_body:
-        steps.append(CropForegroundd(keys, source_key="image", select_fn=AboveThreshold(body_threshold(cfg, unit)),
-                                     margin=2, allow_smaller=True))
+        steps.append(CropToBodyd(keys, body_threshold(cfg, unit)))
     steps += [
         PadToSquared(keys),
         Resized(keys, spatial_size=(cfg.image_size, cfg.image_size), mode=modes_resize),

@@ -1,0 +1,55 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lung_effnet.config import CONFIG_DIR, Config, ConfigError, load_config
+
+
+def test_default_yaml_spells_out_the_built_in_defaults():
+    assert yaml.safe_load((CONFIG_DIR / "default.yaml").read_text()) == Config().to_dict()
+
+
+def test_paper_config_has_the_papers_settings():
+    cfg = load_config("paper_b1")
+    assert (cfg.model.name, cfg.data.image_size, cfg.train.optimizer, cfg.train.lr) == ("efficientnet-b1", 240, "adam", 1e-3)
+    assert (cfg.train.scheduler, cfg.train.plateau_factor, cfg.train.plateau_patience) == ("plateau", 0.3, 5)
+    assert (cfg.train.batch_size, cfg.train.epochs, cfg.model.drop_connect, cfg.model.dropout) == (32, 50, 0.2, 0.5)
+
+
+@pytest.mark.parametrize("name", ["default", "paper_b1", "demo_cpu"])
+def test_named_configs_load(name):
+    assert isinstance(load_config(name), Config)
+
+
+def test_overrides_are_typed_and_validated():
+    cfg = load_config("default", ["train.epochs=3", "train.lr=3e-4", "model.name=efficientnet-b2", "seed=7"])
+    assert (cfg.train.epochs, cfg.train.lr, cfg.model.name, cfg.seed) == (3, 3e-4, "efficientnet-b2", 7)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epoch=3", "train.epoch: unknown key"),
+    ("trian.epochs=3", "trian: unknown key"),
+    ("train.epochs=three", "train.epochs: expected int"),
+    ("train.lr=-1", "train.lr: must be > 0"),
+    ("model.name=resnet50", "model.name: 'resnet50' is not one of"),
+    ("augment.prob=1.5", "augment.prob: must be in [0, 1]"),
+    ("cv.folds=1", "cv.folds"),
+    ("train.epochs", "expected key=value"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", "\\[").replace("]", "\\]")):
+        load_config("default", [override])
+
+
+def test_unknown_key_in_a_file_is_one_line(tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochz: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    assert str(err.value).count("\n") == 0 and "train.epochz" in str(err.value)
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config("no_such_config.yaml")
