@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-TUTORIAL = ["model.bn_momentum=0.01", "model.zero_init_head=false", "model.drop_connect=0.2", "train.optimizer=adam",
+TUTORIAL = ["train.channels_last=false", "model.bn_momentum=0.01", "model.zero_init_head=false", "model.drop_connect=0.2", "train.optimizer=adam",
             "train.lr=0.001", "train.weight_decay=0.0", "train.scheduler=none", "train.warmup_epochs=0",
             "train.class_balance=none", "train.val_fraction=0.0", "augment.prob=0.0", "augment.flip_prob=0.0",
             "augment.noise_std=0.0", "train.epochs=8"]
@@ -41,6 +41,9 @@ RECIPES = {
     "project-12ep-64px": PROJECT + ["train.epochs=12", "data.image_size=64"],
     "project-12ep-64px-lr1e-3": PROJECT + ["train.epochs=12", "data.image_size=64", "train.lr=0.001"],
     "tutorial-8ep-64px": TUTORIAL + ["data.image_size=64"],
+    "project-15ep-96px": PROJECT + ["train.epochs=15", "data.image_size=96"],
+    "project-15ep-96px-lr1e-3": PROJECT + ["train.epochs=15", "data.image_size=96", "train.lr=0.001"],
+    "project-15ep-96px-noval": PROJECT + ["train.epochs=15", "data.image_size=96", "train.val_fraction=0.0"],
 }
 
 

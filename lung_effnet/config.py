@@ -34,7 +34,7 @@ class DataConfig:
     slices: str = "lesion"                # volumes: "lesion" (slices with mask > 0; all slices where the mask is empty) or "all"
     context_slices: int = 0               # 0: 1 channel; 1: 3 channels (slices k-1, k, k+1) as 2.5D
     crop_to_body: bool = True             # crop each slice to the body's bounding box before resizing
-    cache_dir: str | None = None          # preprocessed tensors; None: <out>/../cache next to the run
+    cache_dir: str | None = None          # preprocessed tensors; None: $LUNG_EFFNET_CACHE_DIR, else ~/.cache/lung-effnet/preprocessed
 
 
 @dataclass
@@ -76,7 +76,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     val_fraction: float = 0.1              # of each fold's training patients, for early stopping
     amp: bool = True                       # bf16 autocast on CUDA; CPU always runs fp32
-    channels_last: bool = True             # on CUDA
+    channels_last: bool = True             # NHWC memory format on CUDA and CPU (CPU math stays fp32)
     num_workers: int = 0
     device: str = "auto"                   # "auto", "cpu" or "cuda"
 

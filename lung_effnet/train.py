@@ -56,8 +56,7 @@ def predict_proba(model: torch.nn.Module, images: torch.Tensor, batch_size: int 
     out = []
     for start in range(0, len(images), batch_size):
         x = images[start:start + batch_size].to(device, non_blocking=True).float()
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
         with autocast_for(device, amp):
             logits = model(x)
         out.append(torch.softmax(logits.float(), dim=1).cpu())
@@ -116,7 +115,7 @@ class FoldTrainer:
         self.cfg, self.fold_dir, self.seed = cfg, Path(fold_dir), seed
         self.device = resolve_device(cfg.train.device)
         self.model = model.to(self.device)
-        if self.device.type == "cuda" and cfg.train.channels_last:
+        if cfg.train.channels_last:  # NHWC: faster convolutions on CUDA and, with oneDNN, ~2x on CPU
             self.model = self.model.to(memory_format=torch.channels_last)
         self.data = self._place(data)
         self.optimizer = make_optimizer(self.model, cfg)
@@ -181,7 +180,7 @@ class FoldTrainer:
             x = d.train_x[idx].to(self.device, non_blocking=True)
             y = d.train_y[idx].to(self.device, non_blocking=True)
             x = augment_batch(x, cfg.augment, self.aug_gen).float()
-            if self.device.type == "cuda" and cfg.train.channels_last:
+            if cfg.train.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast_for(self.device, cfg.train.amp):
                 logits = self.model(x)
