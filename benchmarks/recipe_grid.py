@@ -44,6 +44,9 @@ RECIPES = {
     "project-15ep-96px": PROJECT + ["train.epochs=15", "data.image_size=96"],
     "project-15ep-96px-lr1e-3": PROJECT + ["train.epochs=15", "data.image_size=96", "train.lr=0.001"],
     "project-15ep-96px-noval": PROJECT + ["train.epochs=15", "data.image_size=96", "train.val_fraction=0.0"],
+    "project-15ep-96px-max": PROJECT + ["train.epochs=15", "data.image_size=96", "model.pooling=max"],
+    "project-15ep-96px-max-lr1e-3": PROJECT + ["train.epochs=15", "data.image_size=96", "model.pooling=max", "train.lr=0.001"],
+    "project-10ep-96px-max": PROJECT + ["train.epochs=10", "data.image_size=96", "model.pooling=max"],
 }
 
 

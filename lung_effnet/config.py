@@ -56,6 +56,7 @@ class ModelConfig:
     pretrained_weights: str | None = None  # local file with an ImageNet state dict (MONAI naming)
     dropout: float | None = None           # before the head; None: the variant's default
     drop_connect: float = 0.2
+    pooling: str = "avg"                   # global pooling before the head: "avg" (EfficientNet's) or "max" (lesion anywhere)
     bn_momentum: float = 0.1               # BatchNorm running-stat update; MONAI's 0.01 suits ImageNet-length runs only
     zero_init_head: bool = True            # start the classifier at uniform predictions (stable from-scratch start)
 
@@ -127,6 +128,7 @@ CHOICES = {
     "train.class_balance": ("sampler", "weights", "none"),
     "train.device": ("auto", "cpu", "cuda"),
     "model.name": tuple(f"efficientnet-b{i}" for i in range(8)),
+    "model.pooling": ("avg", "max"),
 }
 POSITIVE = {"data.image_size", "data.window_width", "train.epochs", "train.batch_size", "train.lr", "cv.folds"}
 PROBABILITIES = {"augment.flip_prob", "augment.prob"}                     # in [0, 1]

@@ -48,12 +48,17 @@ def build_member(cfg: Config) -> nn.Module:
     evaluates with running statistics still near their initial values. ``model.bn_momentum``
     (default 0.1, PyTorch's) lets them follow the data. A zero-initialised head starts every
     class at probability 1/3, which keeps the first steps of a from-scratch run stable.
+    ``model.pooling: max`` replaces the global average pool by a global max pool: a slice is
+    "lesion" if any place in it looks like one, where averaging dilutes a 3-pixel nodule into
+    the whole slice (multiple-instance view; on small from-scratch data it is what learns).
     """
     model = create_model(cfg.model.name, in_channels=2 * cfg.data.context_slices + 1, num_classes=len(CLASSES),
                          dropout=cfg.model.dropout, drop_connect=cfg.model.drop_connect)
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.momentum = cfg.model.bn_momentum
+    if cfg.model.pooling == "max":
+        model._avg_pooling = nn.AdaptiveMaxPool2d(1)  # MONAI's attribute name; the module is a max pool
     if cfg.model.zero_init_head:
         nn.init.zeros_(model._fc.weight)
         nn.init.zeros_(model._fc.bias)

@@ -1,0 +1,76 @@
+"""Batched augmentation and patient-grouped folds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lung_effnet.augment import augment_batch
+from lung_effnet.config import AugmentConfig
+from lung_effnet.splits import LeakageError, assign_folds, audit_folds, inner_validation_split
+
+
+def test_augmentation_is_reproducible_bounded_and_off_when_disabled():
+    x = torch.rand(6, 1, 32, 32).half()
+    cfg = AugmentConfig()
+    a = augment_batch(x, cfg, torch.Generator().manual_seed(1))
+    b = augment_batch(x, cfg, torch.Generator().manual_seed(1))
+    assert a.dtype == x.dtype and a.shape == x.shape and torch.equal(a, b)
+    assert float(a.min()) >= 0 and float(a.max()) <= 1 and not torch.equal(a, x)
+    off = AugmentConfig(flip_prob=0, rotate_deg=0, zoom=0, intensity_shift=0, intensity_scale=0, noise_std=0, prob=0)
+    torch.testing.assert_close(augment_batch(x.float(), off, torch.Generator().manual_seed(1)), x.float(), atol=1e-6, rtol=0)
+
+
+def test_flip_only_mirrors_left_right():
+    x = torch.zeros(1, 1, 8, 8)
+    x[0, 0, 2, 1] = 1.0
+    cfg = AugmentConfig(flip_prob=1.0, rotate_deg=0, zoom=0, intensity_shift=0, intensity_scale=0, noise_std=0, prob=0)
+    out = augment_batch(x, cfg, torch.Generator().manual_seed(0))
+    assert float(out[0, 0, 2, 6]) == pytest.approx(1.0) and float(out.sum()) == pytest.approx(1.0)
+
+
+def _toy(n_patients=30, per_patient=4, seed=0):
+    rng = np.random.default_rng(seed)
+    patient_label = rng.integers(0, 3, n_patients)
+    groups = np.repeat([f"P{i}" for i in range(n_patients)], per_patient)
+    return np.repeat(patient_label, per_patient), groups
+
+
+def test_folds_keep_patients_together_and_are_fixed_by_seed():
+    labels, groups = _toy()
+    folds = assign_folds(labels, groups, k=5, seed=3)
+    for g in set(groups):
+        assert len(set(folds[groups == g])) == 1
+    assert set(folds) == set(range(5))
+    assert (assign_folds(labels, groups, k=5, seed=3) == folds).all()
+    audit_folds(folds, groups, np.arange(len(groups)).astype(str))
+
+
+def test_held_out_test_patients_and_inner_validation():
+    labels, groups = _toy(60)
+    folds = assign_folds(labels, groups, k=3, seed=0, test_fraction=0.2)
+    test_patients = set(groups[folds == -1])
+    assert 0.1 < len(test_patients) / 60 < 0.3
+    train_idx, val_idx = inner_validation_split(labels, groups, 0.1, seed=0)
+    assert not set(groups[train_idx]) & set(groups[val_idx]) and len(val_idx) > 0
+
+
+def test_audit_stops_on_leakage():
+    labels, groups = _toy()
+    folds = assign_folds(labels, groups, k=3, seed=0)
+    leaky = folds.copy()
+    leaky[0] = (folds[0] + 1) % 3  # one slice of a patient moved to another fold
+    with pytest.raises(LeakageError, match="patient"):
+        audit_folds(leaky, groups, np.arange(len(groups)).astype(str))
+    digests = np.arange(len(groups)).astype(str)
+    other = np.flatnonzero(folds != folds[0])[0]
+    digests[other] = digests[0]  # the same image in two folds
+    with pytest.raises(LeakageError, match="identical image"):
+        audit_folds(folds, groups, digests)
+
+
+def test_too_few_patients_for_the_folds_is_a_clear_error():
+    labels, groups = _toy(4)
+    with pytest.raises(ValueError, match="cv.folds=5"):
+        assign_folds(labels, groups, k=5, seed=0)
