@@ -47,15 +47,19 @@ RECIPES = {
     "project-15ep-96px-max": PROJECT + ["train.epochs=15", "data.image_size=96", "model.pooling=max"],
     "project-15ep-96px-max-lr1e-3": PROJECT + ["train.epochs=15", "data.image_size=96", "model.pooling=max", "train.lr=0.001"],
     "project-10ep-96px-max": PROJECT + ["train.epochs=10", "data.image_size=96", "model.pooling=max"],
+    "project-15ep-96px-max-noval": PROJECT + ["train.epochs=15", "data.image_size=96", "model.pooling=max", "train.val_fraction=0.0"],
+    "project-12ep-96px-max-noval": PROJECT + ["train.epochs=12", "data.image_size=96", "model.pooling=max", "train.val_fraction=0.0"],
+    "project-15ep-96px-noval-lr1e-3": PROJECT + ["train.epochs=15", "data.image_size=96", "train.val_fraction=0.0", "train.lr=0.001"],
+    "project-15ep-96px-noval-2.5d": PROJECT + ["train.epochs=15", "data.image_size=96", "train.val_fraction=0.0", "data.context_slices=1"],
 }
 
 
-def export(data: str, labels: str | None, out: str, size: int) -> None:
+def export(data: str, labels: str | None, out: str, size: int, context: int = 0) -> None:
     from lung_effnet.config import load_config
     from lung_effnet.data.dataset import build_sample_set
     from lung_effnet.data.ingest import ingest
 
-    cfg = load_config(None, [f"data.image_size={size}"])
+    cfg = load_config(None, [f"data.image_size={size}", f"data.context_slices={context}"])
     with tempfile.TemporaryDirectory() as tmp:
         result = ingest(data, Path(tmp) / "ingest", labels_csv=labels, progress=False)
         cache = Path(os.environ.get("LUNG_EFFNET_CACHE_DIR", Path(tmp) / "cache"))
@@ -105,6 +109,7 @@ def main(argv=None) -> int:
     parser.add_argument("--labels", help="labels CSV for --export")
     parser.add_argument("--out", default="slices.pt")
     parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--context", type=int, default=0, help="--export: 1 for 2.5D (3 channels)")
     parser.add_argument("--slices", help="a file written by --export")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--folds", type=int, default=3)
@@ -114,7 +119,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("LUNG_EFFNET_HASH_KEY", "benchmark")
     if args.export:
-        export(args.export, args.labels, args.out, args.size)
+        export(args.export, args.labels, args.out, args.size, args.context)
         return 0
     from lung_effnet.console import format_table
 

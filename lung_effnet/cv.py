@@ -97,6 +97,10 @@ def fold_data(samples: SampleSet, train_idx: np.ndarray, cfg: Config, seed: int)
     inner_train, inner_val = inner_validation_split(samples.labels[train_idx], samples.groups[train_idx],
                                                     cfg.train.val_fraction, seed)
     tr, va = train_idx[inner_train], train_idx[inner_val]
+    n_val_patients = len(set(samples.groups[va]))
+    if 0 < n_val_patients < 6:
+        log.warning("early stopping watches only %d validation patient(s): its choice of epoch is noise at this size; "
+                    "consider train.val_fraction=0 (fixed schedule)", n_val_patients)
     y = torch.from_numpy(samples.labels)
     return FoldData(samples.images[tr], y[tr], samples.images[va], y[va])
 

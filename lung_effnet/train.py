@@ -239,7 +239,10 @@ class FoldTrainer:
             if on_epoch is not None:
                 on_epoch(record["epoch"], record)
             bar.update(1)
-            bar.set_postfix(loss=f"{train_loss:.3f}", val_auroc=f"{val.get('auroc_macro', float('nan')):.3f}")
+            postfix = {"loss": f"{train_loss:.3f}"}
+            if val:
+                postfix["val_auroc"] = f"{val.get('auroc_macro', float('nan')):.3f}"
+            bar.set_postfix(postfix)
         bar.close()
         self.model.load_state_dict(torch.load(self.fold_dir / "best.pt", map_location=self.device, weights_only=True))
         return {"best_epoch": self.best_epoch, "best_val_auroc": self.best_score, "epochs_run": self.epoch, "history": self.history}
