@@ -50,6 +50,8 @@ RECIPES = {
     "project-15ep-96px-max-noval": PROJECT + ["train.epochs=15", "data.image_size=96", "model.pooling=max", "train.val_fraction=0.0"],
     "project-12ep-96px-max-noval": PROJECT + ["train.epochs=12", "data.image_size=96", "model.pooling=max", "train.val_fraction=0.0"],
     "project-15ep-96px-noval-lr1e-3": PROJECT + ["train.epochs=15", "data.image_size=96", "train.val_fraction=0.0", "train.lr=0.001"],
+    "demo-cpu": ["train.epochs=15", "data.image_size=96", "train.val_fraction=0.0", "train.lr=0.001",
+                 "train.label_smoothing=0.1", "model.drop_connect=0.0"],
     "project-15ep-96px-noval-2.5d": PROJECT + ["train.epochs=15", "data.image_size=96", "train.val_fraction=0.0", "data.context_slices=1"],
 }
 
