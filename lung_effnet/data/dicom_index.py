@@ -269,7 +269,9 @@ def index_dicom_tree(root: str | Path, ledger: Ledger, files: list[Path] | None 
             ledger.skipped(rel, "index", "not a DICOM file (no DICM preamble, no SOP class)")
             continue
         except Exception as exc:  # truncated header, bad VR, I/O error: one row, go on
-            ledger.failed(rel, "index", f"unreadable DICOM header: {type(exc).__name__}: {exc}"[:300])
+            # The exception's text is left out on purpose: a parse error can quote an element's
+            # value, and that element may be PatientName or another identifying tag.
+            ledger.failed(rel, "index", f"unreadable DICOM header ({type(exc).__name__})")
             continue
         header, status, reason = classify_header(ds, path, rel, pixel_offset)
         if header is None:
