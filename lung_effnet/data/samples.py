@@ -28,7 +28,10 @@ def read_dicom_file(path: str | Path) -> Volume:
     from .ledger import Ledger
 
     path = Path(path)
-    ds, pixel_offset = read_header(path)
+    try:
+        ds, pixel_offset = read_header(path)
+    except Exception as exc:  # no exception text: a parse error can quote an identifying tag's value
+        raise ValueError(f"unreadable DICOM header ({type(exc).__name__})") from None
     header, status, reason = classify_header(ds, path, path.name, pixel_offset)
     if header is None:
         raise ValueError(f"{status}: {reason}")
