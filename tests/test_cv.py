@@ -159,3 +159,17 @@ def test_killed_run_resumes_to_the_same_result(tiny_data, tmp_path, cache_env):
     client = MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
     assert len(runs) == 4  # the resumed run continued the same parent and fold runs
+
+
+def test_data_without_patient_ids_trains_with_a_recorded_warning(tmp_path, cache_env):
+    from mlflow.tracking import MlflowClient
+
+    data = write_synthetic_dataset(tmp_path / "iqoth", "jpg", n_patients=9, seed=1, size_px=48, n_slices=6, progress=False)
+    for extra in ("manifest.csv", "synthetic.json"):
+        (data / extra).unlink()
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    summary = run_cv(data, tmp_path / "run", load_config(None, TINY), tracking_uri=uri, progress=False)
+    assert any("NO PATIENT IDS" in w for w in summary["warnings"])
+    assert summary["patient_ids"].startswith("missing")
+    tags = MlflowClient(tracking_uri=uri).get_run(summary["mlflow"]["parent_run_id"]).data.tags
+    assert tags["patient_ids"] == "missing" and "NO PATIENT IDS" in tags["warnings"]
