@@ -123,11 +123,6 @@ class CVTracker:
         for start in range(0, len(items), MAX_BATCH):
             self.client.log_batch(run_id, metrics=items[start:start + MAX_BATCH])
 
-    def set_tags(self, run_id: str, tags: dict) -> None:
-        from mlflow.entities import RunTag
-
-        self.client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
-
     def log_artifacts(self, run_id: str, paths: list[Path], artifact_path: str | None = None) -> None:
         for path in paths:
             if Path(path).is_dir():

@@ -96,11 +96,10 @@ def select_rows(rows: list[dict], cfg: DataConfig) -> list[dict]:
     or absent. 2D images are always used."""
     if cfg.slices == "all":
         return list(rows)
-    lesion_series = set()
-    for row in rows:
-        if row.get("mask_path") and row.get("slice_index") not in (None, "") and not is_image_2d(row["mask_path"]):
-            if _volume(row["mask_path"]).hu.any():
-                lesion_series.add(row["mask_path"])
+    # One look at each mask volume, not one per slice row (a mask is read once, scanned once).
+    volume_masks = {r["mask_path"] for r in rows
+                    if r.get("mask_path") and r.get("slice_index") not in (None, "") and not is_image_2d(r["mask_path"])}
+    lesion_series = {path for path in volume_masks if _volume(path).hu.any()}
     keep = []
     for row in rows:
         if row.get("mask_path") in lesion_series:

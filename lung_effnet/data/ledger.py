@@ -42,12 +42,6 @@ class Ledger:
         self.rows[path] = {"path": path, "series_uid": series_uid, "status": status, "reason": reason}
         self.stages[path] = stage
 
-    def merge(self, other: "Ledger") -> None:
-        self.rows.update(other.rows)
-        for path in other.rows:
-            self.stages.pop(path, None)
-        self.stages.update(other.stages)
-
     def error_rows(self) -> list[dict]:
         """One ``path,stage,reason`` row per file that is not used."""
         return [
