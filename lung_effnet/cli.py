@@ -150,17 +150,18 @@ class UsageError(Exception):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # its INFO lines (store creation) are noise here
     from .data.manifest import ManifestError
 
     from .config import ConfigError
     from .cv import RunExistsError
-    from .splits import LeakageError
+    from .splits import LeakageError, TooFewPatientsError
     from .tracking import TrackingError
 
     handler = {"synth": cmd_synth, "ingest": cmd_ingest, "train": cmd_train, "demo": cmd_demo}[args.command]
     try:
         return handler(args)
-    except (UsageError, ManifestError, ConfigError, TrackingError, RunExistsError, LeakageError,
+    except (UsageError, ManifestError, ConfigError, TrackingError, RunExistsError, LeakageError, TooFewPatientsError,
             FileNotFoundError, NotADirectoryError) as exc:
         print(f"lung-effnet {args.command}: error: {exc}", file=sys.stderr)
         return 2

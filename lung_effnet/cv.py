@@ -28,6 +28,7 @@ from .config import Config
 from .data.dataset import SampleSet, build_sample_set
 from .data.ingest import NO_PATIENT_IDS, ingest
 from .data.ledger import write_csv
+from .data.manifest import ManifestError
 from .evaluate import (bootstrap_ci, classification_metrics, confusion, plot_confusion_matrix, plot_reliability,
                        plot_roc_curves, save_figure)
 from .predictor import FoldEnsemble, Predictor, build_member, log_model_to_mlflow, save_model_dir
@@ -81,9 +82,9 @@ class CVRun:
 def prepare_samples(source: Path, out: Path, cfg: Config, labels_csv: Path | None, progress: bool) -> tuple[SampleSet, list[str]]:
     result = ingest(source, out / "ingest", labels_csv=labels_csv, progress=progress)
     if not result.has_labels:
-        raise ValueError(f"{source}: no labels (a DICOM/NIfTI tree needs --labels)")
+        raise ManifestError(f"{source}: no labels (a DICOM/NIfTI tree needs --labels)")
     if not result.rows:
-        raise ValueError(f"{source}: no usable labelled samples (see {out / 'ingest' / 'errors.csv'})")
+        raise ManifestError(f"{source}: no usable labelled samples (see {out / 'ingest' / 'errors.csv'})")
     cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
     samples = build_sample_set(result.rows, cfg.data, cache_dir, progress=progress)
     log.info("%d samples (%d from the cache at %s)", len(samples), samples.cache_hits, cache_dir)

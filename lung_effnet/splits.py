@@ -24,6 +24,10 @@ class LeakageError(RuntimeError):
     """A patient or an identical image is on both sides of a split."""
 
 
+class TooFewPatientsError(ValueError):
+    """The data cannot fill the folds asked for (a user's data problem, reported as one line)."""
+
+
 def _n_splits_for(fraction: float) -> int:
     return max(2, int(round(1.0 / fraction)))
 
@@ -38,7 +42,7 @@ def assign_folds(labels: np.ndarray, groups: np.ndarray, k: int, seed: int, test
         test_fraction: share of patients held out before CV (0 = none).
 
     Raises:
-        ValueError: fewer patients than folds, or a class with fewer patients than folds.
+        TooFewPatientsError: fewer patients than folds, or a class with fewer patients than folds.
     """
     labels, groups = np.asarray(labels), np.asarray(groups)
     folds = np.full(len(labels), -2, dtype=np.int64)
@@ -50,11 +54,11 @@ def assign_folds(labels: np.ndarray, groups: np.ndarray, k: int, seed: int, test
         pool = np.setdiff1d(pool, test_idx)
     n_patients = len(set(groups[pool]))
     if n_patients < k:
-        raise ValueError(f"cv.folds={k} needs at least {k} patients; the data has {n_patients}")
+        raise TooFewPatientsError(f"cv.folds={k} needs at least {k} patients; the data has {n_patients}")
     for cls in np.unique(labels[pool]):
         n_cls = len(set(groups[pool][labels[pool] == cls]))
         if n_cls < k:
-            raise ValueError(f"class {CLASSES[cls]} has {n_cls} patient(s), fewer than cv.folds={k}: "
+            raise TooFewPatientsError(f"class {CLASSES[cls]} has {n_cls} patient(s), fewer than cv.folds={k}: "
                              f"some folds would have none; lower cv.folds or add data")
     splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     for fold, (_, test_idx) in enumerate(splitter.split(pool, labels[pool], groups[pool])):

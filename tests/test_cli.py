@@ -42,3 +42,14 @@ def test_missing_labels_file_names_the_option(tmp_path, capsys):
 def test_console_script_is_installed():
     out = subprocess.run([sys.executable, "-m", "lung_effnet.cli", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and "lung-effnet" in out.stdout
+
+
+def test_train_on_too_few_patients_is_one_line(tmp_path, capsys, monkeypatch):
+    from lung_effnet.data.synthetic_dataset import write_synthetic_dataset
+
+    monkeypatch.setenv("LUNG_EFFNET_CACHE_DIR", str(tmp_path / "cache"))
+    data = write_synthetic_dataset(tmp_path / "d", "nifti", n_patients=3, seed=0, size_px=32, n_slices=3, progress=False)
+    code = main(["train", "-q", "--data", str(data), "--labels", str(data / "labels.csv"), "--out", str(tmp_path / "o"),
+                 "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", "--set", "data.image_size=32"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "cv.folds=5 needs at least 5 patients" in err[0]
