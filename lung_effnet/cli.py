@@ -81,6 +81,25 @@ def _add_demo(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
 
 
+def _add_score(sub) -> None:
+    p = sub.add_parser(
+        "score", parents=[_common()], help="score an archive of CT studies with a trained model: one row per series",
+        description="Score every DICOM series (grouped by SeriesInstanceUID), NIfTI volume and 2D image under "
+                    "--input with a trained fold ensemble, preprocessed as in training. Writes predictions.csv "
+                    "(one row per series), slice_scores.csv, files.csv (one row per input file), errors.csv and "
+                    "summary.json to --out. A run stopped at any point continues where it stopped when started "
+                    "again with the same command.")
+    p.add_argument("--model", required=True, help="model folder written by train (or its output folder), or an "
+                                                  "MLflow model URI: models:/name@alias, runs:/<id>/model")
+    p.add_argument("--input", type=Path, required=True, help="folder of DICOM / NIfTI / image files (any layout)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (created; reused to resume)")
+    p.add_argument("--saliency", action="store_true", help="also write reports/<series>.html: Grad-CAM on the key slices")
+    p.add_argument("--batch-size", type=int, default=32, help="slices per forward pass (default: 32)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: auto (CUDA when available)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="decode processes; 0 decodes in the main process (default: CPU cores - 1, at most 8)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lung-effnet",
@@ -92,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_synth(sub)
     _add_ingest(sub)
     _add_train(sub)
+    _add_score(sub)
     _add_demo(sub)
     return parser
 
@@ -136,6 +156,40 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_score(args) -> int:
+    from .console import format_table
+    from .scoring import OutputMismatchError, score_archive
+    from .scoring.saliency import SaliencyUnavailable
+
+    if args.batch_size < 1 or (args.workers is not None and args.workers < 0):
+        raise UsageError("--batch-size must be >= 1 and --workers >= 0")
+    if not args.input.exists():
+        raise UsageError(f"--input: not found: {args.input}")
+    try:
+        summary = score_archive(args.model, args.input, args.out, batch_size=args.batch_size, device=args.device,
+                                workers=args.workers, saliency=args.saliency, progress=not args.quiet)
+    except (OutputMismatchError, SaliencyUnavailable, ValueError) as exc:
+        raise UsageError(str(exc).splitlines()[0]) from None
+    except Exception as exc:  # an MLflow URI that does not resolve raises MLflow's own exception types
+        if type(exc).__module__.startswith("mlflow"):
+            raise UsageError(f"--model: {str(exc).splitlines()[0]}") from None
+        raise
+    counts, run = summary["counts"], summary["run"]
+    files = counts["files"]
+    print()
+    print(format_table(["series", "count"], [["scored", counts["series_scored"]], ["incomplete (scored)", counts["series_incomplete"]],
+                                             ["failed", counts["series_failed"]],
+                                             ["skipped (not CT)", counts["series_skipped"]]] +
+                       [[f"predicted {c}", n] for c, n in counts["predicted"].items()], "Series, volumes and images"))
+    print(f"\nFiles: {files['total']} in = {files['used']} used + {files['skipped']} skipped + {files['failed']} failed "
+          f"(errors.csv says why)")
+    print(f"This run: {run['units_scored']} unit(s) scored, {run['units_resumed']} resumed, {run['slices_scored']} slices "
+          f"in {run['wall_s']:.1f} s ({run['slices_per_s']:.1f} slices/s, {run['series_per_min']:.1f} series/min) on {run['device']}")
+    print(f"Outputs in {args.out}: predictions.csv, slice_scores.csv, files.csv, errors.csv, summary.json"
+          + (", reports/" if args.saliency else ""))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from pipelines.demo import run_demo
 
@@ -158,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     from .splits import LeakageError, TooFewPatientsError
     from .tracking import TrackingError
 
-    handler = {"synth": cmd_synth, "ingest": cmd_ingest, "train": cmd_train, "demo": cmd_demo}[args.command]
+    handler = {"synth": cmd_synth, "ingest": cmd_ingest, "train": cmd_train, "score": cmd_score,
+               "demo": cmd_demo}[args.command]
     try:
         return handler(args)
     except (UsageError, ManifestError, ConfigError, TrackingError, RunExistsError, LeakageError, TooFewPatientsError,

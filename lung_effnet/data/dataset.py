@@ -110,6 +110,14 @@ def select_rows(rows: list[dict], cfg: DataConfig) -> list[dict]:
     return keep
 
 
+def context_planes(hu: np.ndarray, k: int, context: int) -> np.ndarray:
+    """The ``(2 * context + 1, H, W)`` planes of slice ``k`` of a ``(Z, H, W)`` volume: its
+    neighbours ``k - context .. k + context``, the edge slice repeated beyond the ends (2.5D input;
+    ``context=0`` is the slice alone). Shared by training and scoring so both see the same input."""
+    idx = [min(max(k + d, 0), len(hu) - 1) for d in range(-context, context + 1)]
+    return hu[idx]
+
+
 class PlaneReader:
     """Reads the ``(C, H, W)`` planes of a row: the slice, and with ``context_slices=1`` its two
     neighbours in the series (the edge slice repeats at the ends). Knows every row of the manifest
@@ -140,9 +148,7 @@ class PlaneReader:
             return np.repeat(plane[None], 2 * self.context + 1, axis=0), GRAY, None
         if is_nifti(path):
             volume = _volume(path)
-            k = int(row["slice_index"])
-            idx = [min(max(k + d, 0), volume.n_slices - 1) for d in self._offsets()]
-            return volume.hu[idx], HU, tuple(volume.spacing[1:])
+            return context_planes(volume.hu, int(row["slice_index"]), self.context), HU, tuple(volume.spacing[1:])
         volumes = [read_dicom_file(self._neighbour_path(row, d)) for d in self._offsets()]
         return np.stack([v.hu[0] for v in volumes]), HU, tuple(volumes[0].spacing[1:])
 

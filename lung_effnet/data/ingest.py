@@ -206,6 +206,15 @@ def ingest_manifest_csv(path: Path, progress: bool) -> IngestResult:
 
 # --- a tree of DICOM / NIfTI / images ----------------------------------------------------------
 
+def split_by_kind(files: list[Path]) -> tuple[list[Path], list[Path], list[Path]]:
+    """``(NIfTI volumes, 2D images, the rest)`` by file name; the rest are DICOM candidates, for
+    ``index_dicom_tree`` to read, group or skip with a reason. Order within each list is kept."""
+    volumes, images, dicoms = [], [], []
+    for path in files:
+        (volumes if is_nifti(path) else images if is_image_2d(path) else dicoms).append(path)
+    return volumes, images, dicoms
+
+
 def ingest_tree(root: Path, labels: LabelTable | None, nifti_dir: Path | None, progress: bool) -> IngestResult:
     """Walk a tree: DICOM series (grouped by SeriesInstanceUID), NIfTI volumes, 2D images."""
     from tqdm.auto import tqdm
@@ -216,19 +225,16 @@ def ingest_tree(root: Path, labels: LabelTable | None, nifti_dir: Path | None, p
     files = list_files(root)
     masks = labels.mask_files() if labels else set()
     labels_file = str(labels.source.resolve()) if labels else ""
-    volumes, images, dicoms = [], [], []
+    others = []
     for path in files:
         resolved = str(path.resolve())
         if resolved in masks:
             ledger.used(rel(path))  # a lesion mask of a labelled series
         elif resolved == labels_file:
             ledger.used(rel(path))
-        elif is_nifti(path):
-            volumes.append(path)
-        elif is_image_2d(path):
-            images.append(path)
         else:
-            dicoms.append(path)
+            others.append(path)
+    volumes, images, dicoms = split_by_kind(others)
     series = index_dicom_tree(root, ledger, files=dicoms, progress=progress)
     builder = _TreeBuilder(root, labels, nifti_dir, result, rel)
     for entry in tqdm(list(series.values()), desc="read series", unit="series", disable=not progress, leave=False):

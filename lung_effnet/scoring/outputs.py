@@ -1,0 +1,129 @@
+"""The files ``score`` writes, built from the per-unit records (``journal``).
+
+- ``predictions.csv``: one row per scored series, volume or image (``PREDICTION_COLUMNS``), sorted
+  by path then series UID. ``path`` is relative to ``--input``: the folder of a DICOM series, the
+  file of a volume or image. ``key_slice`` indexes the canonical slice order (z increasing towards
+  superior; ``slice_scores.csv``), ``key_file`` is the file that holds it.
+- ``slice_scores.csv``: one row per scored slice (``SLICE_COLUMNS``); ``in_top_k`` marks the slices
+  averaged into the series result.
+- ``files.csv`` / ``errors.csv``: the ledger (``data.ledger``): input files = ledger rows, and a
+  file is ``used`` only when its slice was scored.
+- ``summary.json``: counts (identical for a resumed and an uninterrupted run) and this
+  invocation's timing.
+
+Nothing here reads a DICOM tag: rows hold relative paths, UIDs and numbers only (no PHI).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from .. import CLASSES
+from ..data.ledger import USED, Ledger, write_csv
+from .aggregate import abnormality, aggregate_series
+from .discover import Discovery, ScoreUnit
+from .journal import write_atomic
+from .prepare import FAILED as SERIES_FAILED
+from .prepare import SKIPPED as SERIES_SKIPPED
+from .prepare import SCORED
+from .prepare import PreparedUnit
+
+PREDICTION_COLUMNS = ("path", "series_uid", "kind", "n_slices", "p_benign", "p_malignant", "p_normal", "predicted",
+                      "key_slice", "key_file", "status", "warnings", "report")
+SLICE_COLUMNS = ("path", "series_uid", "slice_index", "file", "p_benign", "p_malignant", "p_normal", "abnormality",
+                 "in_top_k")
+PROB_FORMAT = "{:.6f}"
+
+
+def make_record(unit: ScoreUnit, prepared: PreparedUnit, probs: np.ndarray, top_k: int,
+                report: Callable[[dict, np.ndarray], str] | None = None) -> dict:
+    """The resume record of a scored unit. ``probs``: ``(N, 3)`` for ``prepared.images``;
+    ``report(entry, rows)``, when given, writes a series' saliency page for its key slices
+    (``rows``: indices into ``prepared.images``, most abnormal first) and returns its path."""
+    items = []
+    for item in prepared.items:
+        entry = {"path": item.path, "series_uid": item.series_uid, "kind": unit.kind, "status": item.status,
+                 "warnings": item.warnings}
+        if item.status in SCORED:
+            p = probs[item.start:item.stop]
+            score = aggregate_series(p, top_k)
+            in_top = np.zeros(len(p), bool)
+            in_top[score.top] = True
+            entry.update(probs=score.probs.tolist(), predicted=score.predicted, key_slice=score.key_slice,
+                         key_file=item.slice_files[score.key_slice],
+                         slices=[[k, item.slice_files[k], *p[k].tolist(), bool(in_top[k])] for k in range(len(p))])
+            entry["report"] = report(entry, item.start + score.top) if report is not None else ""
+        items.append(entry)
+    return {"key": unit.key, "files": unit.files, "items": items, "ledger": prepared.ledger_rows}
+
+
+def _fmt(x: float) -> str:
+    return PROB_FORMAT.format(x)
+
+
+def prediction_rows(records: list[dict]) -> list[dict]:
+    rows = []
+    for item in (i for r in records for i in r["items"] if i["status"] in SCORED):
+        rows.append({"path": item["path"], "series_uid": item["series_uid"], "kind": item["kind"],
+                     "n_slices": len(item["slices"]), **{f"p_{c}": _fmt(v) for c, v in zip(CLASSES, item["probs"])},
+                     "predicted": item["predicted"], "key_slice": item["key_slice"], "key_file": item["key_file"],
+                     "status": item["status"], "warnings": "; ".join(item["warnings"]), "report": item["report"]})
+    return sorted(rows, key=lambda r: (r["path"], r["series_uid"]))
+
+
+def slice_rows(records: list[dict]) -> list[dict]:
+    rows = []
+    for item in (i for r in records for i in r["items"] if i["status"] in SCORED):
+        for k, file, *p, top in item["slices"]:
+            rows.append({"path": item["path"], "series_uid": item["series_uid"], "slice_index": k, "file": file,
+                         **{f"p_{c}": _fmt(v) for c, v in zip(CLASSES, p)},
+                         "abnormality": _fmt(float(abnormality(np.array([p]))[0])), "in_top_k": int(top)})
+    return sorted(rows, key=lambda r: (r["path"], r["series_uid"], r["slice_index"]))
+
+
+def final_ledger(discovery: Discovery, records: list[dict]) -> Ledger:
+    """The header pass's rows, overridden by what decoding and scoring found per unit. A file the
+    header pass found usable but that no record confirms was not scored, so it is not ``used``."""
+    ledger = Ledger(dict(discovery.ledger.rows), dict(discovery.ledger.stages))
+    confirmed = set()
+    for row in (row for r in records for row in r["ledger"]):
+        if row["status"] == USED:
+            ledger.used(row["path"], row["series_uid"])
+            confirmed.add(row["path"])
+        else:
+            getattr(ledger, row["status"])(row["path"], row["stage"], row["reason"], row["series_uid"])
+    for path, row in list(ledger.rows.items()):
+        if row["status"] == USED and path not in confirmed:
+            ledger.failed(path, "score", "not scored (its series was not processed)", row["series_uid"])
+    return ledger
+
+
+def write_outputs(out_dir: Path, discovery: Discovery, records: list[dict], info: dict) -> dict:
+    """Write the final files (module docstring) from all records; returns the summary."""
+    predictions, slices = prediction_rows(records), slice_rows(records)
+    ledger = final_ledger(discovery, records)
+    write_csv(out_dir / "predictions.csv", PREDICTION_COLUMNS, predictions)
+    write_csv(out_dir / "slice_scores.csv", SLICE_COLUMNS, slices)
+    ledger.write(out_dir)
+    items = [i for r in records for i in r["items"]]
+    status = Counter(i["status"] for i in items)
+    reasons = Counter((r["status"], r["reason"].split(":")[0]) for r in ledger.rows.values() if r["status"] != USED)
+    summary = {
+        "counts": {
+            "series_scored": len(predictions), "series_ok": status["ok"], "series_incomplete": status["incomplete"],
+            "series_failed": status[SERIES_FAILED], "series_skipped": status[SERIES_SKIPPED], "slices_scored": len(slices),
+            "predicted": dict(sorted(Counter(r["predicted"] for r in predictions).items())),
+            "files": {"total": len(ledger.rows), **ledger.counts()},
+            "not_used_by_reason": [{"status": s, "reason": r, "files": n} for (s, r), n in sorted(reasons.items())],
+        },
+        **info,
+    }
+    if len(ledger.rows) != discovery.n_files:  # the contract itself: never write a summary that breaks it
+        raise RuntimeError(f"ledger has {len(ledger.rows)} rows for {discovery.n_files} input files")
+    write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary

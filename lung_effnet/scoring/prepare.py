@@ -1,0 +1,176 @@
+"""Worker side: decode one unit and preprocess its slices exactly as training did.
+
+Runs in a worker process (or in-process with ``--workers 0``); everything here is a top-level,
+picklable function of plain data, so it works under the ``spawn`` start method.
+
+Training's sample from a volume plane (``data.dataset.PlaneReader`` + ``load_or_preprocess``) is:
+the ``(2c+1, H, W)`` planes of slice k in HU (``context_planes``, edges repeated), the volume's
+in-plane spacing ``(dy, dx)`` mm, ``preprocess_sample`` (resample, window, body crop, pad, resize),
+stored as float16. 2D images are grey levels, repeated ``2c+1`` times, without spacing. Scoring
+calls the same functions with the model's saved ``DataConfig`` and keeps the same float16.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..config import DataConfig
+from ..data.dataset import context_planes
+from ..data.dicom_series import load_series
+from ..data.images2d import read_image_2d
+from ..data.ledger import Ledger
+from ..data.nifti import read_nifti
+from ..data.samples import GRAY, HU
+from ..data.transforms import preprocess_sample
+from .discover import DICOM, IMAGES, NIFTI, ScoreUnit
+
+MIN_CT_HU = -200.0
+"""A CT volume in HU has air or lung (about -1000 HU) somewhere; a NIfTI with no voxel below this
+is a mask, a label map or unscaled data, and is skipped rather than scored as nonsense."""
+
+OK, INCOMPLETE, FAILED, SKIPPED = "ok", "incomplete", "failed", "skipped"
+"""Series statuses: scored (ok / incomplete: some slices lost or a gap), or not scored."""
+SCORED = (OK, INCOMPLETE)
+
+
+@dataclass
+class PreparedItem:
+    """One output row's worth of a unit: a series, a volume or one image.
+
+    ``start:stop`` are its slices in the unit's ``images``; ``slice_files`` names the file of each
+    (DICOM: one file a slice; NIfTI and images: the file itself).
+    """
+
+    path: str
+    series_uid: str
+    status: str
+    start: int = 0
+    stop: int = 0
+    slice_files: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PreparedUnit:
+    """A decoded, preprocessed unit. ``images``: ``(N, C, S, S)`` float16 in [0, 1]."""
+
+    key: str
+    images: np.ndarray
+    items: list[PreparedItem]
+    ledger_rows: list[dict]
+    decode_s: float
+
+
+def init_worker() -> None:
+    """Worker processes use one thread each: parallelism comes from the processes, and torch's
+    default of one thread per core in every worker would oversubscribe the machine."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def prepare_unit(unit: ScoreUnit, cfg: DataConfig) -> PreparedUnit:
+    """Decode and preprocess a unit; unusable files become ledger rows, never exceptions."""
+    start = time.perf_counter()
+    ledger = Ledger()
+    reader = {DICOM: _dicom, NIFTI: _nifti, IMAGES: _images}[unit.kind]
+    images, items = reader(unit, cfg, ledger)
+    rows = [{**row, "stage": ledger.stages.get(path, "")} for path, row in ledger.rows.items()]
+    return PreparedUnit(unit.key, images, items, rows, time.perf_counter() - start)
+
+
+def preprocess_volume(hu: np.ndarray, spacing_yx: tuple[float, float], cfg: DataConfig) -> np.ndarray:
+    """``(Z, Y, X)`` HU -> ``(Z, C, S, S)`` float16 in [0, 1], slice by slice as in training."""
+    channels = 2 * cfg.context_slices + 1
+    out = np.empty((len(hu), channels, cfg.image_size, cfg.image_size), np.float16)
+    for k in range(len(hu)):
+        image, _ = preprocess_sample(context_planes(hu, k, cfg.context_slices), HU, cfg, None, spacing_yx)
+        out[k] = image.numpy()
+    return out
+
+
+def _empty(cfg: DataConfig) -> np.ndarray:
+    return np.zeros((0, 2 * cfg.context_slices + 1, cfg.image_size, cfg.image_size), np.float16)
+
+
+def _fail_all(unit: ScoreUnit, ledger: Ledger, stage: str, reason: str) -> None:
+    for rel in unit.files:
+        if ledger.rows.get(rel, {}).get("status") not in ("failed", "skipped"):
+            ledger.failed(rel, stage, reason, unit.key if unit.kind == DICOM else rel)
+
+
+def _dicom(unit: ScoreUnit, cfg: DataConfig, ledger: Ledger):
+    folder = series_folder(unit.files)
+    item = PreparedItem(folder, unit.key, FAILED)
+    volume = load_series(unit.series, ledger)  # failed slices -> ledger rows (stage decode)
+    if volume is None:
+        _fail_all(unit, ledger, "decode", "no slice of the series could be decoded")
+        return _empty(cfg), [item]
+    try:
+        images = preprocess_volume(volume.hu, volume.spacing[1:], cfg)
+    except Exception as exc:  # geometry the transforms cannot take: the series fails, the run goes on
+        _fail_all(unit, ledger, "preprocess", f"series not preprocessable: {type(exc).__name__}"[:300])
+        return _empty(cfg), [item]
+    for rel in volume.source_files:
+        ledger.used(rel, unit.key)
+    item.status = INCOMPLETE if volume.warnings else OK
+    item.stop, item.slice_files, item.warnings = len(images), list(volume.source_files), list(volume.warnings)
+    return images, [item]
+
+
+def _nifti(unit: ScoreUnit, cfg: DataConfig, ledger: Ledger):
+    rel = unit.files[0]
+    item = PreparedItem(rel, rel, FAILED)
+    try:
+        volume = read_nifti(Path(unit.root) / rel, series_uid=rel)
+    except Exception as exc:  # not a readable 3D NIfTI: one error row
+        ledger.failed(rel, "decode", f"NIfTI not readable: {type(exc).__name__}: {exc}"[:300], rel)
+        return _empty(cfg), [item]
+    if volume.n_slices == 0 or float(volume.hu.min()) > MIN_CT_HU:
+        ledger.skipped(rel, "decode", f"no voxel below {MIN_CT_HU:.0f} HU: not a CT volume in HU (a mask or label map?)", rel)
+        item.status = SKIPPED
+        return _empty(cfg), [item]
+    try:
+        images = preprocess_volume(volume.hu, volume.spacing[1:], cfg)
+    except Exception as exc:
+        ledger.failed(rel, "preprocess", f"volume not preprocessable: {type(exc).__name__}"[:300], rel)
+        return _empty(cfg), [item]
+    ledger.used(rel, rel)
+    item.status, item.stop, item.slice_files = OK, len(images), [rel] * len(images)
+    return images, [item]
+
+
+def _images(unit: ScoreUnit, cfg: DataConfig, ledger: Ledger):
+    channels = 2 * cfg.context_slices + 1
+    images, items = [], []
+    for rel in unit.files:
+        try:
+            plane = read_image_2d(Path(unit.root) / rel)
+            image, _ = preprocess_sample(np.repeat(plane[None], channels, axis=0), GRAY, cfg)
+        except Exception as exc:  # truncated or not really an image: one row, go on
+            ledger.failed(rel, "decode", f"image not decodable: {type(exc).__name__}: {exc}"[:300], rel)
+            items.append(PreparedItem(rel, rel, FAILED))
+            continue
+        ledger.used(rel, rel)
+        items.append(PreparedItem(rel, rel, OK, len(images), len(images) + 1, [rel]))
+        images.append(image.numpy().astype(np.float16))
+    return (np.stack(images) if images else _empty(cfg)), items
+
+
+def series_folder(files: list[str]) -> str:
+    """The folder that holds a series' files, relative to the input (``.`` for the input itself);
+    their deepest common folder when a series is spread over several."""
+    parents = [Path(f).parent.parts for f in files]
+    common = parents[0]
+    for parts in parents[1:]:
+        n = 0
+        while n < min(len(common), len(parts)) and common[n] == parts[n]:
+            n += 1
+        common = common[:n]
+    return Path(*common).as_posix() if common else "."

@@ -1,0 +1,246 @@
+"""The score stage's loop: discover -> decode in workers -> batched ensemble inference -> records.
+
+Decoding and preprocessing (``prepare``) run in ``workers`` processes (``spawn``, one thread
+each) while the main process runs the model, so decode overlaps inference. At most
+``workers + PREFETCH`` units are in flight (being decoded or waiting for the model), which bounds
+memory by a few series whatever the archive size. Each finished unit is journaled at once
+(``journal``); the final files are rebuilt from the journal at the end (``outputs``), so a killed
+run started again with the same command skips finished units and ends with the same files.
+
+Slices are batched within a unit, never across units: a series' probabilities then do not depend
+on which other series happened to share its batch, which keeps resumed runs bit-identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import time
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import CLASSES, __version__
+from ..predictor import Predictor, load_model
+from .aggregate import TOP_K
+from .discover import Discovery, ScoreUnit, discover
+from .journal import RECORD_VERSION, Journal
+from .outputs import make_record, write_outputs
+from .prepare import PreparedUnit, init_worker, prepare_unit
+
+PREFETCH = 2
+"""Decoded units that may wait for the model beyond one per worker."""
+RULE = "mean class probabilities of the top_k slices by abnormality (p_benign + p_malignant); key slice = the most abnormal"
+
+
+def default_workers() -> int:
+    """One core is left to the process that runs the model (and feeds the GPU)."""
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+class SliceScorer:
+    """Runs the fold ensemble on a unit's slices: ``(N, C, S, S)`` float16 -> ``(N, 3)`` float64.
+
+    Same numerics as training's evaluation: fp32 on CPU; bf16 autocast on CUDA when the model was
+    trained with ``train.amp``; channels_last when it was trained with it.
+    """
+
+    def __init__(self, predictor: Predictor, batch_size: int):
+        self.model, self.device, self.batch_size = predictor.model.eval(), predictor.device, batch_size
+        self.amp = predictor.config.train.amp and self.device.type == "cuda"
+        self.channels_last = predictor.config.train.channels_last
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+
+    @torch.no_grad()
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(images)
+        if self.device.type == "cuda":
+            x = x.pin_memory()  # lets the copy below run asynchronously
+        out = []
+        for start in range(0, len(x), self.batch_size):
+            batch = x[start:start + self.batch_size].to(self.device, non_blocking=True).float()
+            if self.channels_last:
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+                out.append(self.model(batch).float().cpu())
+        return torch.cat(out).double().numpy() if out else np.zeros((0, len(CLASSES)))
+
+
+def start_pool(workers: int) -> ProcessPoolExecutor | None:
+    """The decode processes, started at once so that their start overlaps model loading and the
+    header pass. ``forkserver`` (where the OS has it) imports torch and MONAI once, in the server,
+    and forks each worker from it; ``spawn`` would import them again in every worker (seconds
+    each), and plain ``fork`` of a process already running torch threads can deadlock."""
+    if workers == 0:
+        return None
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if ctx.get_start_method() == "forkserver":
+        ctx.set_forkserver_preload([prepare_unit.__module__])
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker)
+    for _ in range(workers):
+        pool.submit(int)  # a no-op that makes the pool start its processes now
+    return pool
+
+
+def prepared_units(units: list[ScoreUnit], cfg, pool: ProcessPoolExecutor | None,
+                   workers: int) -> Iterator[tuple[ScoreUnit, PreparedUnit]]:
+    """Yield ``(unit, prepared)`` as workers finish them (any order); in-process without a pool."""
+    if pool is None:
+        for unit in units:
+            yield unit, prepare_unit(unit, cfg)
+        return
+    pending, queue = {}, iter(units)
+    try:
+        while True:
+            while len(pending) < workers + PREFETCH and (unit := next(queue, None)) is not None:
+                pending[pool.submit(prepare_unit, unit, cfg)] = unit
+            if not pending:
+                return
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                unit = pending.pop(future)
+                try:
+                    yield unit, future.result()
+                except BrokenProcessPool:
+                    raise RuntimeError("a decode worker died (out of memory?); finished series are kept: "
+                                       "run the same command again to resume") from None
+    finally:
+        for future in pending:
+            future.cancel()
+
+
+def model_fingerprint(predictor: Predictor) -> str:
+    """Digest of the ensemble's weights and its preprocessing: the identity a resume must match."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(predictor.model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    data = {k: v for k, v in vars(predictor.config.data).items() if k != "cache_dir"}
+    h.update(repr(sorted(data.items())).encode())
+    return h.hexdigest()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but no CUDA device is available")
+    return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+def score_archive(model: str | Path, input_dir: str | Path, out_dir: str | Path, *, batch_size: int = 32,
+                  device: str = "auto", workers: int | None = None, saliency: bool = False, top_k: int = TOP_K,
+                  progress: bool = True) -> dict:
+    """Score every series, volume and image under ``input_dir`` with a trained model; write the
+    outputs (``outputs`` module docstring) to ``out_dir`` and return the summary.
+
+    Args:
+        model: a ``train`` model folder (or its output folder) or an MLflow model URI.
+        batch_size: slices per forward pass (also the size of 2D image groups).
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+        workers: decode processes; 0 decodes in this process; ``None``: ``default_workers()``.
+
+    Raises:
+        FileNotFoundError: ``input_dir`` or the model does not exist.
+        ValueError: a bad option; ``OutputMismatchError`` when ``out_dir`` holds another run.
+    """
+    started = time.perf_counter()
+    input_dir, out_dir = Path(input_dir), Path(out_dir)
+    if not input_dir.exists():
+        raise FileNotFoundError(f"--input not found: {input_dir}")
+    if batch_size < 1 or top_k < 1 or (workers is not None and workers < 0):
+        raise ValueError("--batch-size and top_k must be >= 1, --workers >= 0")
+    workers = default_workers() if workers is None else workers
+    dev = resolve_device(device)
+    pool = start_pool(workers)
+    try:
+        return _score(model, input_dir, out_dir, dev, pool, started, batch_size=batch_size, workers=workers,
+                      saliency=saliency, top_k=top_k, progress=progress)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _score(model, input_dir: Path, out_dir: Path, dev: torch.device, pool, started: float, *, batch_size: int,
+           workers: int, saliency: bool, top_k: int, progress: bool) -> dict:
+    predictor = load_model(model, str(dev))
+    if saliency:
+        from .saliency import check_available
+
+        check_available()
+    journal = Journal(out_dir, {"version": RECORD_VERSION, "model": model_fingerprint(predictor),
+                                "rule": RULE, "top_k": top_k, "saliency": saliency})
+    discovery = discover(input_dir, exclude=out_dir, group_size=batch_size, progress=progress)
+    records = {u.key: r for u in discovery.units if (r := journal.load(u)) is not None}
+    todo = [u for u in discovery.units if u.key not in records]
+    threads = torch.get_num_threads()
+    if dev.type == "cpu" and workers > 0:  # leave the decode workers their cores
+        torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 2) - workers)))
+    try:
+        done = run_units(todo, discovery, predictor, journal, records, batch_size, pool, workers, saliency, top_k,
+                         out_dir, progress)
+    finally:
+        torch.set_num_threads(threads)
+    wall = time.perf_counter() - started
+    info = {
+        "model": {"source": str(model), "name": predictor.config.model.name,
+                  "n_folds": len(getattr(predictor.model, "members", [None])),
+                  "image_size": predictor.config.data.image_size, "context_slices": predictor.config.data.context_slices},
+        "aggregation": {"rule": RULE, "top_k": top_k},
+        "run": {"device": str(dev), "workers": workers, "batch_size": batch_size, "lung_effnet_version": __version__,
+                "units_resumed": len(records) - done["units"], "units_scored": done["units"],
+                "slices_scored": done["slices"], "wall_s": round(wall, 3),
+                "series_per_min": round(done["series"] / wall * 60, 2), "slices_per_s": round(done["slices"] / wall, 2)},
+    }
+    return write_outputs(out_dir, discovery, [records[u.key] for u in discovery.units], info)
+
+
+def run_units(todo: list[ScoreUnit], discovery: Discovery, predictor: Predictor, journal: Journal, records: dict,
+              batch_size: int, pool, workers: int, saliency: bool, top_k: int, out_dir: Path, progress: bool) -> dict:
+    """Score ``todo``, journaling each unit as it finishes; returns counts for this invocation."""
+    from tqdm.auto import tqdm
+
+    scorer = SliceScorer(predictor, batch_size)
+    total = sum(u.n_slices for u in discovery.units)
+    bar = tqdm(total=total, initial=total - sum(u.n_slices for u in todo), unit="slice", desc="score",
+               disable=not progress, dynamic_ncols=True)
+    n_series = sum(1 if u.kind != "images" else len(u.files) for u in discovery.units)
+    done_series = n_series - sum(1 if u.kind != "images" else len(u.files) for u in todo)
+    counts, started = {"units": 0, "series": 0, "slices": 0}, time.perf_counter()
+    with bar:
+        for unit, prepared in prepared_units(todo, predictor.config.data, pool, workers):
+            probs = scorer(prepared.images)
+            report = _reporter(predictor, prepared, probs, out_dir) if saliency else None
+            record = make_record(unit, prepared, probs, top_k, report)
+            journal.save(record)
+            records[unit.key] = record
+            n = sum(1 for i in record["items"] if "probs" in i)
+            counts["units"] += 1
+            counts["series"] += n
+            counts["slices"] += len(prepared.images)
+            done_series += len(record["items"])
+            bar.update(unit.n_slices)
+            bar.set_postfix_str(f"{done_series}/{n_series} series, "
+                                f"{counts['series'] / (time.perf_counter() - started):.2f} series/s")
+    return counts
+
+
+def _reporter(predictor: Predictor, prepared: PreparedUnit, probs: np.ndarray, out_dir: Path):
+    from .saliency import write_series_report
+
+    def report(entry: dict, rows: np.ndarray) -> str:
+        indices = [int(r) - _item_start(prepared, entry) for r in rows]
+        return write_series_report(predictor.model, prepared.images[rows], indices, probs[rows], entry, out_dir)
+
+    return report
+
+
+def _item_start(prepared: PreparedUnit, entry: dict) -> int:
+    return next(i.start for i in prepared.items if i.series_uid == entry["series_uid"])
