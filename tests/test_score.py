@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,7 +138,7 @@ def clean_run(trained, archive, tmp_path_factory):
 
 def test_every_series_volume_and_image_gets_one_row(clean_run, archive):
     out, _ = clean_run
-    root, facts = archive
+    _, facts = archive
     rows = _read(out / "predictions.csv")
     assert [r["path"] for r in rows] == sorted(r["path"] for r in rows)
     dicom = [r for r in rows if r["kind"] == "dicom"]
@@ -229,24 +228,18 @@ def test_slices_are_preprocessed_as_in_training(clean_run, archive, trained):
     assert np.ptp(probs[:, 0]) > 0.01  # the model tells these slices apart: the comparison has teeth
 
 
-def test_worker_processes_give_the_same_files(clean_run, archive, trained, tmp_path):
-    out, _ = clean_run
-    summary = score_archive(trained[0], archive[0], tmp_path / "w", batch_size=4, workers=2, progress=False)
-    assert summary["run"]["workers"] == 2
-    for name in OUTPUTS:
-        assert (tmp_path / "w" / name).read_text() == (out / name).read_text(), name
-
-
-def _score_cmd(model, root, out):
-    return [sys.executable, "-m", "lung_effnet.cli", "score", "-q", "--model", str(model), "--input", str(root),
-            "--out", str(out), "--workers", "0", "--batch-size", "4"]
+def _score_args(model, root, out, workers=0):
+    return ["score", "-q", "--model", str(model), "--input", str(root), "--out", str(out), "--workers", str(workers),
+            "--batch-size", "4"]
 
 
 def test_killed_run_resumes_to_the_same_files(clean_run, archive, trained, tmp_path):
+    """SIGKILL mid-run, then the same command again (in this process, and with decode workers,
+    which must not change a result either) ends with the files of the clean run."""
     out, _ = clean_run
     killed = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(_score_cmd(trained[0], archive[0], killed), env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, "-m", "lung_effnet.cli", *_score_args(trained[0], archive[0], killed)], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and len([p for p in (killed / "parts").glob("*.json") if p.name != "run.json"]) < 2:
@@ -254,16 +247,14 @@ def test_killed_run_resumes_to_the_same_files(clean_run, archive, trained, tmp_p
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "predictions.csv").exists(), "the run finished before it could be killed"
-    resumed = subprocess.run(_score_cmd(trained[0], archive[0], killed), env=env, capture_output=True, text=True,
-                             timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    code, printed = _run_cli(_score_args(trained[0], archive[0], killed, workers=2))
+    assert code == 0, printed
     for name in OUTPUTS:
         assert (killed / name).read_text() == (out / name).read_text(), name
     a, b = (json.loads((d / "summary.json").read_text()) for d in (out, killed))
     assert a["counts"] == b["counts"]
-    assert 0 < b["run"]["units_resumed"] < b["run"]["units_resumed"] + b["run"]["units_scored"]
-    for text in (resumed.stdout, resumed.stderr):
-        assert not any(v in text for v in CANARIES.values())
+    assert b["run"]["units_resumed"] >= 2 and b["run"]["units_scored"] >= 1 and b["run"]["workers"] == 2
+    assert not any(v in printed for v in CANARIES.values())
 
 
 def test_mlflow_model_uri_scores_like_the_model_folder(clean_run, archive, trained, tmp_path, monkeypatch):
@@ -292,14 +283,15 @@ def test_no_phi_in_outputs_or_printed_lines(clean_run):
 def test_saliency_writes_one_page_per_series(archive, trained, tmp_path):
     pytest.importorskip("lung_effnet.explain")
     out = tmp_path / "sal"
-    code, printed = _run_cli(["score", "-q", "--model", str(trained[0]), "--input", str(archive[0]), "--out", str(out),
-                              "--workers", "0", "--batch-size", "4", "--saliency"])
+    code, printed = _run_cli(["score", "-q", "--model", str(trained[0]), "--input", str(archive[0] / "study_a"), "--out",
+                              str(out), "--workers", "0", "--batch-size", "4", "--saliency"])
     assert code == 0, printed
     rows = _read(out / "predictions.csv")
+    assert len(rows) == 4
     pages = sorted(p.relative_to(out).as_posix() for p in (out / "reports").glob("*.html"))
     assert sorted(r["report"] for r in rows) == pages and len(pages) == len(rows)
     page = (out / rows[0]["report"]).read_text()
-    assert page.count("data:image/png;base64,") == 2 * min(TOP_K, int(rows[0]["n_slices"]))
+    assert page.count("data:image/png;base64,") == min(TOP_K, int(rows[0]["n_slices"]))  # one per key slice
     for p in pages:
         assert not any(v.split("^")[0] in (out / p).read_text() for v in CANARIES.values())
 

@@ -29,9 +29,8 @@ from .aggregate import abnormality, aggregate_series
 from .discover import Discovery, ScoreUnit
 from .journal import write_atomic
 from .prepare import FAILED as SERIES_FAILED
+from .prepare import SCORED, PreparedUnit
 from .prepare import SKIPPED as SERIES_SKIPPED
-from .prepare import SCORED
-from .prepare import PreparedUnit
 
 PREDICTION_COLUMNS = ("path", "series_uid", "kind", "n_slices", "p_benign", "p_malignant", "p_normal", "predicted",
                       "key_slice", "key_file", "status", "warnings", "report")

@@ -1,23 +1,20 @@
 """``score --saliency``: one self-contained HTML page per series with Grad-CAM overlays on its key
-slices (the ``top_k`` slices averaged into the series result).
+slices (the ``top_k`` slices averaged into the series result), most abnormal first.
 
 Maps come from ``lung_effnet.explain.grad_cam`` with an integer class (the series' predicted
-class), which is the batch-safe way to call it (DESIGN.md, "Known traps"). The page is rendered
-here by ``render_html`` (inline PNGs, no external files); when ``lung_effnet.report`` offers a
-series report, ``render_html`` is the one place to hand over to it.
+class), the batch-safe way to call it (DESIGN.md, "Known traps"); the page is rendered by
+``lung_effnet.report.write_case_report``. Pages are written under a temporary name and renamed,
+so a killed run never leaves a half page that a resumed run would take as done.
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
+import os
 from pathlib import Path
 
 import numpy as np
 
 from .. import CLASSES
-from .journal import write_atomic
 
 
 class SaliencyUnavailable(RuntimeError):
@@ -27,8 +24,9 @@ class SaliencyUnavailable(RuntimeError):
 def check_available() -> None:
     try:
         from ..explain import grad_cam  # noqa: F401
+        from ..report import Case, write_case_report  # noqa: F401
     except ImportError as exc:
-        raise SaliencyUnavailable(f"--saliency needs lung_effnet.explain.grad_cam, which cannot be imported ({exc})") from None
+        raise SaliencyUnavailable(f"--saliency needs lung_effnet.explain and lung_effnet.report ({exc})") from None
 
 
 def report_name(series_uid: str) -> str:
@@ -45,53 +43,26 @@ def write_series_report(model, images: np.ndarray, slice_indices: list[int], sli
         images: ``(K, C, S, S)`` the key slices as the model saw them.
         slice_indices: their slice indices in the series, most abnormal first.
         slice_probs: ``(K, 3)`` their probabilities.
-        item: the series row so far (``path``, ``series_uid``, ``predicted``, ``probs``).
+        item: the series row so far (``path``, ``series_uid``, ``predicted``, ``probs``, ``slices``).
     """
     import torch
 
     from ..explain import grad_cam
+    from ..report import Case, write_case_report
 
-    class_idx = CLASSES.index(item["predicted"])
-    x = torch.from_numpy(np.ascontiguousarray(images)).float()
-    device = next(model.parameters()).device
-    maps = grad_cam(model, x.to(device), class_idx=class_idx)  # (K, S, S) in [0, 1], 1 = most important
-    name = report_name(item["series_uid"])
-    write_atomic(out_dir / name, render_html(item, x[:, x.shape[1] // 2].numpy(), maps, slice_indices, slice_probs))
-    return name
-
-
-def _png(rgb: np.ndarray) -> str:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8)).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """``(S, S)`` grey in [0, 1] + ``(S, S)`` map in [0, 1] -> ``(S, S, 3)`` RGB (jet where important)."""
-    from matplotlib import colormaps
-
-    heat = colormaps["jet"](cam)[..., :3]
-    weight = alpha * cam[..., None]  # unimportant pixels stay grey, so the anatomy remains readable
-    return (1 - weight) * image[..., None] + weight * heat
-
-
-def render_html(item: dict, planes: np.ndarray, maps: np.ndarray, slice_indices: list[int],
-                slice_probs: np.ndarray) -> str:
-    """The page: series result, then per key slice the input and its overlay. ``planes``: ``(K, S, S)``."""
-    esc = html.escape
+    x = torch.from_numpy(np.ascontiguousarray(images)).float().to(next(model.parameters()).device)
+    maps = grad_cam(model, x, class_idx=CLASSES.index(item["predicted"]))  # (K, S, S) in [0, 1], 1 = most important
+    planes = images[:, images.shape[1] // 2].astype(np.float32)  # the slice itself (the middle channel in 2.5D)
+    files = {k: f for k, f, *_ in item["slices"]}
+    cases = [Case(image=plane, cam=cam, probs=list(p), predicted=item["predicted"], group="Key slices, most abnormal first",
+                  caption=f"slice {k} ({files[k]}), abnormality {1 - p[CLASSES.index('normal')]:.3f}")
+             for k, plane, cam, p in zip(slice_indices, planes, maps, slice_probs)]
     probs = ", ".join(f"{c} {p:.3f}" for c, p in zip(CLASSES, item["probs"]))
-    rows = []
-    for k, plane, cam, p in zip(slice_indices, planes, maps, slice_probs):
-        label = ", ".join(f"{c} {v:.3f}" for c, v in zip(CLASSES, p))
-        rows.append(f"<figure><img src='data:image/png;base64,{_png(np.repeat(plane[..., None], 3, -1))}'>"
-                    f"<img src='data:image/png;base64,{_png(overlay(plane, cam))}'>"
-                    f"<figcaption>slice {k}: {esc(label)}</figcaption></figure>")
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{esc(item['series_uid'])}</title>"
-            "<style>body{font-family:sans-serif}img{width:256px;image-rendering:pixelated;margin:2px}"
-            "figure{display:inline-block}</style></head><body>"
-            f"<h1>{esc(item['path'])}</h1><p>series {esc(item['series_uid'])}</p>"
-            f"<p>predicted <b>{esc(item['predicted'])}</b> ({esc(probs)}); Grad-CAM for class "
-            f"{esc(item['predicted'])} on the key slices, most abnormal first (left: model input, right: overlay)</p>"
-            + "".join(rows) + "</body></html>\n")
+    intro = (f"Series {item['series_uid']} ({item['path']}): predicted {item['predicted']} ({probs}), the mean of its "
+             f"{len(cases)} most abnormal slices. Grad-CAM for '{item['predicted']}' on each of them.")
+    name = report_name(item["series_uid"])
+    final = out_dir / name
+    tmp = final.with_name(f".{final.name}.tmp")
+    write_case_report(tmp, f"lung-effnet score: {item['path']}", cases, intro=intro)
+    os.replace(tmp, final)
+    return name

@@ -1,0 +1,206 @@
+"""Batch scoring speed: ``score_archive`` against a naive loop and against raw parallel decoding.
+
+Writes one synthetic DICOM archive (``--series`` chest-CT phantoms of ``--slices`` slices at
+``--size`` px, one series per folder) and a random-weight fold ensemble (``--folds`` x
+EfficientNet-b0 at ``--image-size``; speed does not depend on the weights), then times, on the
+same files with a warm page cache (best of ``--repeats``, the methods alternating):
+
+- naive:   for each series, read it (``index_dicom_tree`` + ``load_series``), then score it slice
+           by slice (``Predictor.predict_proba`` on one slice at a time), in one process;
+- project: ``lung_effnet.scoring.score_archive`` end to end (worker start, header pass, decode and
+           preprocessing in ``--workers`` processes, batched inference, journal, output files);
+- raw decode: ``pydicom.dcmread(f).pixel_array`` for every file in ``--workers`` processes, no
+           model: the ceiling the data path can reach.
+
+Prints series/min and slices/s for each, project / naive (target >= 3 on CPU) and project / raw
+decode (target >= 0.8 on a GPU).
+
+    python benchmarks/bench_score.py --device cpu --series 8 --slices 32 --workers 1
+    python benchmarks/bench_score.py --device cuda --series 48 --slices 128 --workers 15 --batch-size 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def write_archive(root: Path, n_series: int, n_slices: int, size: int) -> list[Path]:
+    from lung_effnet.data.dicom_writer import write_dicom_series
+    from lung_effnet.data.synthetic import make_phantom
+
+    folders = []
+    for i in range(n_series):
+        rng = np.random.default_rng(i)
+        phantom = make_phantom(("benign", "malignant", "normal")[i % 3], rng, size_px=size, n_slices=n_slices)
+        folder = root / f"S{i:04d}"
+        write_dicom_series(phantom.hu, phantom.spacing, folder, patient_id=f"BENCH-{i}", patient_name="BENCH^SCORE", rng=rng)
+        folders.append(folder)
+    return folders
+
+
+def write_model(out: Path, image_size: int, folds: int) -> Path:
+    import torch
+
+    from lung_effnet.config import load_config
+    from lung_effnet.predictor import build_member, save_model_dir
+
+    cfg = load_config(None, [f"data.image_size={image_size}"])
+    torch.manual_seed(0)
+    return save_model_dir(out, cfg, [build_member(cfg).state_dict() for _ in range(folds)])
+
+
+def naive(model_dir: Path, folders: list[Path], device: str) -> int:
+    import lung_effnet
+    from lung_effnet.data.dicom_index import index_dicom_tree
+    from lung_effnet.data.dicom_series import load_series
+    from lung_effnet.data.ledger import Ledger
+
+    predictor = lung_effnet.load_model(model_dir, device)
+    n = 0
+    for folder in folders:
+        ledger = Ledger()
+        for entry in index_dicom_tree(folder, ledger, progress=False).values():
+            volume = load_series(entry, ledger)
+            for plane in volume.hu:
+                predictor.predict_proba([plane])
+                n += 1
+    return n
+
+
+def project(model_dir: Path, root: Path, out: Path, device: str, workers: int, batch_size: int) -> int:
+    from lung_effnet.scoring import score_archive
+
+    shutil.rmtree(out, ignore_errors=True)
+    summary = score_archive(model_dir, root, out, batch_size=batch_size, device=device, workers=workers, progress=False)
+    return summary["counts"]["slices_scored"]
+
+
+def _decode_files(files: list[str]) -> int:
+    import pydicom
+
+    for f in files:
+        _ = pydicom.dcmread(f).pixel_array  # decode only
+    return len(files)
+
+
+def raw_decode(folders: list[Path], workers: int) -> int:
+    chunks = [[str(f) for f in sorted(folder.iterdir())] for folder in folders]
+    with ProcessPoolExecutor(max(1, workers)) as pool:
+        return sum(pool.map(_decode_files, chunks))
+
+
+def tree_memory(pid: int) -> tuple[int, int]:
+    """``(RSS, PSS)`` in bytes of a process and all its descendants (PSS shares shared pages out,
+    so it does not count the forkserver's pages once per worker as the RSS sum does)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    todo, rss, pss = [pid], 0, 0
+    while todo:
+        p = todo.pop()
+        todo += children.get(p, [])
+        try:
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith(("Rss:", "Pss:")):
+                    kb = int(line.split()[1]) * 1024
+                    rss, pss = (rss + kb, pss) if line.startswith("Rss:") else (rss, pss + kb)
+        except OSError:
+            continue
+    return rss, pss
+
+
+def peak_memory(args) -> None:
+    """Score one ``--slices`` x ``--size`` series with the CLI and sample the process tree's memory."""
+    import subprocess
+
+    work = Path(tempfile.mkdtemp(prefix="bench_score_mem_"))
+    try:
+        write_archive(work / "archive", 1, args.slices, args.size)
+        model_dir = write_model(work / "model", args.image_size, args.folds)
+        cmd = [sys.executable, "-m", "lung_effnet.cli", "score", "-q", "--model", str(model_dir), "--input",
+               str(work / "archive"), "--out", str(work / "out"), "--device", args.device, "--workers", str(args.workers),
+               "--batch-size", str(args.batch_size)]
+        proc = subprocess.Popen(cmd)
+        peak_rss = peak_pss = 0
+        while proc.poll() is None:
+            rss, pss = tree_memory(proc.pid)
+            peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
+            time.sleep(0.05)
+        assert proc.returncode == 0
+        print(f"one series of {args.slices} x {args.size}x{args.size} px ({args.slices * args.size ** 2 * 2 / 2**20:.0f} MiB "
+              f"as int16), {args.workers} workers, batch {args.batch_size}, {args.folds}-fold b0 at {args.image_size} px:")
+        print(f"peak memory of the score process tree: PSS {peak_pss / 2**30:.2f} GiB, RSS sum {peak_rss / 2**30:.2f} GiB")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--series", type=int, default=8)
+    parser.add_argument("--slices", type=int, default=32)
+    parser.add_argument("--size", type=int, default=512, help="DICOM matrix, px")
+    parser.add_argument("--image-size", type=int, default=224, help="model input, px")
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--skip-naive", action="store_true", help="GPU runs: the naive loop takes long and is not the GPU target")
+    parser.add_argument("--memory", action="store_true",
+                        help="instead: peak memory of scoring one --slices x --size series (e.g. --slices 600 --size 512)")
+    args = parser.parse_args()
+    if args.memory:
+        return peak_memory(args)
+
+    import torch
+
+    from lung_effnet.console import format_table
+
+    work = Path(tempfile.mkdtemp(prefix="bench_score_"))
+    try:
+        folders = write_archive(work / "archive", args.series, args.slices, args.size)
+        model_dir = write_model(work / "model", args.image_size, args.folds)
+        methods = {"project": lambda: project(model_dir, work / "archive", work / "out", args.device, args.workers, args.batch_size),
+                   "raw decode": lambda: raw_decode(folders, args.workers)}
+        if not args.skip_naive:
+            methods = {"naive": lambda: naive(model_dir, folders, args.device), **methods}
+        best = {name: float("inf") for name in methods}
+        for _ in range(args.repeats):
+            for name, fn in methods.items():
+                start = time.perf_counter()
+                n = fn()
+                best[name] = min(best[name], time.perf_counter() - start)
+                assert n == args.series * args.slices, f"{name} handled {n} slices"
+        n = args.series * args.slices
+        labels = {"naive": "naive loop (read series, score slice by slice, 1 process)",
+                  "project": f"project (score_archive, {args.workers} workers, batch {args.batch_size})",
+                  "raw decode": f"raw pydicom decode ({args.workers} processes, no model)"}
+        rows = [[labels[k], f"{args.series / t * 60:.1f}", f"{n / t:.1f}", f"{t:.1f}"] for k, t in best.items()]
+        device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+        print(format_table(["method", "series/min", "slices/s", "s"], rows,
+                           f"Batch scoring, {args.series} series x {args.slices} slices of {args.size} px, "
+                           f"{args.folds}-fold b0 at {args.image_size} px, {device}, best of {args.repeats}"))
+        if "naive" in best:
+            print(f"project / naive loop:  {best['naive'] / best['project']:.2f}x  (target >= 3 on CPU)")
+        print(f"project / raw decode:  {best['raw decode'] / best['project']:.2f}  (target >= 0.8 on a GPU)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
