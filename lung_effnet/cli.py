@@ -100,6 +100,19 @@ def _add_score(sub) -> None:
                    help="decode processes; 0 decodes in the main process (default: CPU cores - 1, at most 8)")
 
 
+def _add_report(sub) -> None:
+    p = sub.add_parser(
+        "report", parents=[_common()], help="rebuild the Grad-CAM saliency report of a finished train run",
+        description="Explain the most confident right and wrong out-of-fold cases per class of a train run, each "
+                    "with its own fold's model, and write one self-contained HTML file (report.html) and the "
+                    "faithfulness checks (checks.json: randomization test, pointing game, energy in lesion) to --out.")
+    p.add_argument("--run", required=True, help="the train output folder, or the MLflow parent run id")
+    p.add_argument("--out", type=Path, required=True, help="output folder (created)")
+    p.add_argument("--method", choices=["gradcam", "gradcampp"], default="gradcam", help="saliency method (default: gradcam)")
+    p.add_argument("--top", type=int, default=2, help="cases per class and outcome (right / wrong) (default: 2)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI for a run id (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lung-effnet",
@@ -113,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_score(sub)
     _add_demo(sub)
+    _add_report(sub)
     return parser
 
 
@@ -197,6 +211,22 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from pipelines.saliency_report import run_report
+
+    if args.top < 1:
+        raise UsageError("--top must be >= 1")
+    result = run_report(args.run, args.out, method=args.method, top=args.top, tracking_uri=args.tracking_uri)
+    rand = result["checks"]["randomization"]
+    if not args.quiet:
+        print(f"randomization test: median rho {rand['median_rho']:.3f} ({'passed' if rand['passed'] else 'FAILED'})")
+        for name, v in result["checks"]["localization"].items():
+            print(f"{name}: pointing {v['pointing_hit_rate']:.2f} (chance {v['pointing_chance']:.2f}), "
+                  f"energy in lesion {v['energy_in_lesion']:.3f} (area {v['lesion_area']:.3f}), n={v['n']}")
+    print(f"wrote {result['n_cases']} cases to {result['html']}")
+    return 0
+
+
 class UsageError(Exception):
     """A bad option or input: reported as one line, exit code 2."""
 
@@ -213,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     from .tracking import TrackingError
 
     handler = {"synth": cmd_synth, "ingest": cmd_ingest, "train": cmd_train, "score": cmd_score,
-               "demo": cmd_demo}[args.command]
+               "demo": cmd_demo,
+               "report": cmd_report}[args.command]
     try:
         return handler(args)
     except (UsageError, ManifestError, ConfigError, TrackingError, RunExistsError, LeakageError, TooFewPatientsError,

@@ -97,6 +97,15 @@ class TrackingConfig:
 
 
 @dataclass
+class ReportConfig:
+    """The saliency report written after ``train`` (``lung_effnet.report``)."""
+
+    enabled: bool = True                   # Grad-CAM report over out-of-fold cases, into <out>/saliency and MLflow
+    top: int = 2                           # most confident right and wrong cases shown per true class
+    method: str = "gradcam"                # "gradcam" or "gradcampp"
+
+
+@dataclass
 class Config:
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
@@ -105,6 +114,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     cv: CVConfig = field(default_factory=CVConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -129,8 +139,9 @@ CHOICES = {
     "train.device": ("auto", "cpu", "cuda"),
     "model.name": tuple(f"efficientnet-b{i}" for i in range(8)),
     "model.pooling": ("avg", "max"),
+    "report.method": ("gradcam", "gradcampp"),
 }
-POSITIVE = {"data.image_size", "data.window_width", "train.epochs", "train.batch_size", "train.lr", "cv.folds"}
+POSITIVE = {"data.image_size", "data.window_width", "train.epochs", "train.batch_size", "train.lr", "cv.folds", "report.top"}
 PROBABILITIES = {"augment.flip_prob", "augment.prob"}                     # in [0, 1]
 FRACTIONS = {"train.val_fraction", "cv.test_fraction", "model.drop_connect", "model.dropout",
              "train.label_smoothing", "model.bn_momentum"}                                        # in [0, 1)

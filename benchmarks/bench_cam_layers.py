@@ -1,0 +1,43 @@
+"""Grad-CAM target layer on EfficientNet-b0: pointing game and energy in lesion per layer and method.
+
+Trains the easy phantom run of ``tests/easy_phantoms.py`` (malignant mass vs normal, 96 px, 2 folds)
+with extra ``--set``-style overrides, then explains every out-of-fold slice with its own fold's model
+for the malignant class, at ``_conv_head``, ``_bn1`` and the last MBConv block, and prints a table.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_cam_layers.py OUT train.epochs=25 train.lr=0.003
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import easy_phantoms  # noqa: E402
+from lung_effnet.explain import grad_cam, members_of  # noqa: E402
+from lung_effnet.report import load_run, oof_inputs  # noqa: E402
+from lung_effnet.saliency_checks import localization  # noqa: E402
+
+if __name__ == "__main__":
+    out, overrides = Path(sys.argv[1]), tuple(sys.argv[2:]) + ("report.enabled=false",)
+    result = easy_phantoms.easy_run(out, overrides)
+    run = load_run(result["run"])
+    oof = result["summary"]["oof"]
+    print(f"OOF AUROC malignant {oof['auroc_malignant']:.3f}, accuracy {oof['accuracy']:.3f}")
+    print("layer       method     n  pointing  chance  energy  area")
+    for layer in ("_conv_head", "_bn1", "last_block"):
+        for method in ("gradcam", "gradcampp"):
+            cams, masks, labels = [], [], []
+            for fold, member in enumerate(members_of(run.predictor.model)):
+                idx = [i for i, r in enumerate(run.oof) if int(r["fold"]) == fold]
+                images, m = oof_inputs(run, idx)
+                cams.append(grad_cam(member, torch.from_numpy(images), layer, class_idx=1, method=method))
+                masks.append(m)
+                labels += [1 if run.oof[i]["label"] == "malignant" else 2 for i in idx]
+            v = localization(np.concatenate(cams), np.concatenate(masks), labels)["malignant"]
+            print(f"{layer:<11} {method:<9} {v['n']:>3}  {v['pointing_hit_rate']:.3f}    {v['pointing_chance']:.3f}   "
+                  f"{v['energy_in_lesion']:.4f}  {v['lesion_area']:.4f}")
