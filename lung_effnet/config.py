@@ -75,6 +75,7 @@ class TrainConfig:
     early_stopping_patience: int = 10      # epochs without a better validation macro AUROC
     class_balance: str = "sampler"         # "sampler" (balanced batches), "weights" (weighted loss) or "none"
     label_smoothing: float = 0.0
+    bn_recalibration_images: int = 4096    # before each evaluation, re-estimate BatchNorm statistics on up to this many training images; 0: running averages
     val_fraction: float = 0.1              # of each fold's training patients, for early stopping
     amp: bool = True                       # bf16 autocast on CUDA; CPU always runs fp32
     channels_last: bool = True             # NHWC memory format on CUDA and CPU (CPU math stays fp32)
@@ -184,6 +185,8 @@ def _check_ranges(cfg: Config) -> None:
     for key in FRACTIONS:
         if flat[key] is not None and not 0 <= flat[key] < 1:
             raise ConfigError(f"{key}: must be in [0, 1), got {flat[key]!r}")
+    if cfg.train.bn_recalibration_images < 0:
+        raise ConfigError(f"train.bn_recalibration_images: must be >= 0, got {cfg.train.bn_recalibration_images}")
     if cfg.cv.folds < 2:
         raise ConfigError(f"cv.folds: needs at least 2 folds, got {cfg.cv.folds}")
 

@@ -247,11 +247,9 @@ def run_cv(source: str | Path, out_dir: str | Path, cfg: Config, labels_csv: str
         model_uri = log_model_to_mlflow(ensemble, model_dir, example, cfg.tracking.register_model, cfg.tracking.alias)
     summary["mlflow"] = {"tracking_uri": uri, "experiment": cfg.tracking.experiment, "parent_run_id": parent_id,
                          "model_uri": model_uri}
-    # --- saliency report (issue 4): Grad-CAM over out-of-fold cases -> out/saliency + the parent run ---
-    from .report import report_after_training
+    from .report import report_after_training  # Grad-CAM over out-of-fold cases -> out/saliency + the parent run
 
     summary["saliency_report"] = report_after_training(out, cfg, tracker, parent_id)
-    # --- end saliency report ---
     (out / "cv_summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
     tracker.log_artifacts(parent_id, [out / "cv_summary.json", out / "oof_predictions.csv", out / "folds.csv"])
     tracker.log_artifacts(parent_id, plots, "plots")

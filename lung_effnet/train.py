@@ -1,12 +1,19 @@
 """One fold's training loop: balanced batches, batched augmentation, AMP on CUDA, early stopping
 on validation macro AUROC, a checkpoint every epoch, and resume to the same result.
 
+Before every evaluation the BatchNorm statistics are re-estimated with the current weights
+(``recalibrate_batchnorm``). Without it a from-scratch run evaluates with running averages that lag
+weights changing fast at the start of training; through EfficientNet's 49 BatchNorm layers that
+lag is enough to collapse eval-mode predictions to one class for most of a short run, while the
+same network in train mode already separates the classes (benchmarks/RESULTS.md).
+
 The training images live as one ``(N, C, S, S)`` float16 tensor (from the cache), moved to the GPU
 once when there is room, so a step is: index a batch, augment it on the device, forward/backward.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -102,6 +109,46 @@ def make_scheduler(optimizer, cfg: Config, steps_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def recalibration_batches(n: int, batch_size: int) -> list[slice]:
+    """Consecutive batches over ``n`` rows, never a last batch of one (BatchNorm needs two values)."""
+    bounds = list(range(0, n, batch_size)) + [n]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+        bounds.pop(-2)  # fold a single trailing row into the batch before it
+    return [slice(a, b) for a, b in itertools.pairwise(bounds) if b - a >= 2]
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: torch.nn.Module, images: torch.Tensor, batch_size: int, channels_last: bool,
+                          amp: bool) -> None:
+    """Set every BatchNorm's running mean and variance to their average over ``images`` under the
+    current weights ("precise BN", Wu & Johnson 2021), in place.
+
+    ``images``: ``(N, C, S, S)`` in [0, 1], unaugmented (what evaluation sees). Only the BatchNorm
+    layers run in train mode; dropout and drop-connect stay off, so no random numbers are drawn and
+    a resumed run stays identical.
+    """
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    batches = recalibration_batches(len(images), batch_size)
+    if not norms or not batches:
+        return
+    was_training, momenta = model.training, [m.momentum for m in norms]
+    model.eval()
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average over the batches below
+        norm.train()
+    device = next(model.parameters()).device
+    for batch in batches:
+        x = images[batch].to(device, non_blocking=True).float()
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast_for(device, amp):
+            model(x)
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
+    model.train(was_training)
+
+
 def _save_atomic(obj, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
@@ -128,6 +175,9 @@ class FoldTrainer:
         self.loss_weights = weights
         self.sample_gen = torch.Generator().manual_seed(seed)
         self.aug_gen = torch.Generator(device=self.device).manual_seed(seed + 1)
+        # A fixed subset of the training images for BatchNorm recalibration (same every epoch).
+        limit = min(cfg.train.bn_recalibration_images, len(data.train_y))
+        self.recalibration_rows = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(seed + 2))[:limit]
         self.epoch, self.best_score, self.best_epoch, self.bad_epochs, self.history = 0, -math.inf, -1, 0, []
 
     def _place(self, data: FoldData) -> FoldData:
@@ -194,6 +244,13 @@ class FoldTrainer:
             n += len(idx)
         return total / max(n, 1)
 
+    def recalibrate(self) -> None:
+        """Re-estimate BatchNorm statistics on the fixed training subset (see module docstring)."""
+        if len(self.recalibration_rows):
+            rows = self.recalibration_rows.to(self.data.train_x.device)
+            recalibrate_batchnorm(self.model, self.data.train_x[rows], self.cfg.train.batch_size,
+                                  self.cfg.train.channels_last, self.cfg.train.amp)
+
     def validate(self) -> dict:
         from .evaluate import classification_metrics
 
@@ -220,6 +277,8 @@ class FoldTrainer:
         bar = tqdm(total=cfg.epochs, initial=self.epoch, desc=self.fold_dir.name, unit="epoch", disable=not progress, leave=False)
         while self.epoch < cfg.epochs and self.bad_epochs < cfg.early_stopping_patience:
             train_loss = self.train_epoch()
+            if len(self.data.val_y) or self.epoch + 1 == cfg.epochs:  # evaluated now, or kept as the model
+                self.recalibrate()
             val = self.validate()
             # Without validation patients, the last epoch is kept (score rises with the epoch).
             score = val.get("auroc_macro", float("nan")) if val else float(self.epoch)
