@@ -2,13 +2,16 @@
 
 Trains the easy phantom run of ``tests/easy_phantoms.py`` (malignant mass vs normal, 96 px, 2 folds)
 with extra ``--set``-style overrides, then explains every out-of-fold slice with its own fold's model
-for the malignant class, at ``_conv_head``, ``_bn1`` and the last MBConv block, and prints a table.
+for the malignant class, at ``_conv_head``, ``_bn1``, the last MBConv block (stride 32) and the
+outputs of stages 5, 4 and 3 (``_blocks.5`` stride 32; ``_blocks.4`` and ``_blocks.3`` stride 16),
+and prints a table. ``PATIENTS`` (environment) sets the number of phantom patients (default 16).
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_cam_layers.py OUT train.epochs=25 train.lr=0.003
+    OMP_NUM_THREADS=2 PATIENTS=32 python benchmarks/bench_cam_layers.py OUT train.epochs=15 data.image_size=128
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -24,12 +27,12 @@ from lung_effnet.saliency_checks import localization  # noqa: E402
 
 if __name__ == "__main__":
     out, overrides = Path(sys.argv[1]), tuple(sys.argv[2:]) + ("report.enabled=false",)
-    result = easy_phantoms.easy_run(out, overrides)
+    result = easy_phantoms.easy_run(out, overrides, int(os.environ.get("PATIENTS", easy_phantoms.N_PATIENTS)))
     run = load_run(result["run"])
     oof = result["summary"]["oof"]
     print(f"OOF AUROC malignant {oof['auroc_malignant']:.3f}, accuracy {oof['accuracy']:.3f}")
     print("layer       method     n  pointing  chance  energy  area")
-    for layer in ("_conv_head", "_bn1", "last_block"):
+    for layer in ("_conv_head", "_bn1", "last_block", "_blocks.5", "_blocks.4", "_blocks.3"):
         for method in ("gradcam", "gradcampp"):
             cams, masks, labels = [], [], []
             for fold, member in enumerate(members_of(run.predictor.model)):

@@ -151,21 +151,23 @@ def test_randomization_check_passes_grad_cam_and_flags_a_model_blind_map(trained
     assert not blind["passed"] and blind["median_rho"] > 0.99
 
 
-LEARN = ("train.epochs=25", "train.lr=0.003", "augment.prob=0", "augment.flip_prob=0", "model.pooling=max")
+LEARN = ("train.epochs=15", "data.image_size=128", "report.enabled=false")
+LEARN_PATIENTS = 32
 
 
 @pytest.mark.slow
 def test_after_short_training_maps_land_on_lesions_more_often_than_a_random_map(tmp_path_factory):
-    """The easy phantom task of ``easy_phantoms`` (a large malignant mass vs normal, 96 px, 2 folds,
-    25 epochs): over out-of-fold malignant slices, each explained by its own fold's model, Grad-CAM's
-    maximum should fall on the mass (within the margin) clearly more often than a uniformly random
-    point does. NOT passing yet: on 2 CPU cores this schedule reached OOF AUROC 0.60-0.70 and a hit
-    rate of 0.00-0.04 against a chance of 0.06 (b0's 3 x 3 feature grid at 96 px); it is the target
-    for when a recipe learns the phantoms (slow: about 3 minutes)."""
+    """The easy phantom task of ``easy_phantoms`` (a large malignant mass vs normal) with 32
+    patients at 128 px, 2 folds, 15 epochs of the default recipe: over the out-of-fold malignant
+    slices, each explained by its own fold's model at the default target layer, Grad-CAM's maximum
+    falls on the mass (within the margin) clearly more often than a uniformly random point, and the
+    map's energy is concentrated on it. Measured once (benchmarks/RESULTS.md): OOF AUROC 0.93,
+    pointing 0.52 against a chance of 0.06, energy 4.6 x the lesion's area; the stride-32 layers
+    (``_conv_head``) stayed at chance on the same models. About 2-3 minutes on 2 cores: slow."""
     from lung_effnet.report import load_run
     from lung_effnet.saliency_checks import localization
 
-    run = load_run(easy_phantoms.easy_run(tmp_path_factory.mktemp("learn"), LEARN)["run"])
+    run = load_run(easy_phantoms.easy_run(tmp_path_factory.mktemp("learn"), LEARN, LEARN_PATIENTS)["run"])
     cams, masks, labels = [], [], []
     for fold in (0, 1):
         x, m, _, idx = _fold_inputs(run, fold)
@@ -173,6 +175,6 @@ def test_after_short_training_maps_land_on_lesions_more_often_than_a_random_map(
         masks.append(m)
         labels += [1 if run.oof[i]["label"] == "malignant" else 2 for i in idx]
     loc = localization(np.concatenate(cams), np.concatenate(masks), labels)["malignant"]
-    assert loc["n"] >= 20
+    assert loc["n"] >= 40
     assert loc["pointing_hit_rate"] >= loc["pointing_chance"] + 0.15, loc
-    assert loc["energy_in_lesion"] > loc["lesion_area"], loc
+    assert loc["energy_in_lesion"] > 2 * loc["lesion_area"], loc
