@@ -24,7 +24,7 @@ import torch
 TUTORIAL = ["train.channels_last=false", "model.bn_momentum=0.01", "model.zero_init_head=false", "model.drop_connect=0.2", "train.optimizer=adam",
             "train.lr=0.001", "train.weight_decay=0.0", "train.scheduler=none", "train.warmup_epochs=0",
             "train.class_balance=none", "train.val_fraction=0.0", "augment.prob=0.0", "augment.flip_prob=0.0",
-            "augment.noise_std=0.0", "train.epochs=8"]
+            "augment.noise_std=0.0", "train.epochs=8", "train.bn_recalibration_images=0"]
 PROJECT = ["train.lr=0.0003", "train.label_smoothing=0.1", "model.drop_connect=0.0", "train.val_fraction=0.15"]
 RECIPES = {
     "tutorial-8ep": TUTORIAL,
@@ -37,6 +37,7 @@ RECIPES = {
     "project-30ep-randhead": PROJECT + ["train.epochs=30", "model.zero_init_head=false"],
     "project-30ep-noaug": PROJECT + ["train.epochs=30", "augment.prob=0.0", "augment.flip_prob=0.0", "augment.noise_std=0.0"],
     "project-30ep-dc0.2": PROJECT + ["train.epochs=30", "model.drop_connect=0.2"],
+    "project-30ep-runningbn": PROJECT + ["train.epochs=30", "train.bn_recalibration_images=0"],
     # CPU-sized: what the demo can afford on 2 cores
     "project-12ep-64px": PROJECT + ["train.epochs=12", "data.image_size=64"],
     "project-12ep-64px-lr1e-3": PROJECT + ["train.epochs=12", "data.image_size=64", "train.lr=0.001"],

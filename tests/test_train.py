@@ -70,7 +70,6 @@ def test_a_short_from_scratch_run_evaluates_what_it_learned(tmp_path):
     the network answered one class for 8 epochs (held-out AUROC 0.40-0.53) while its training loss
     fell from 0.96 to 0.38; with recalibrated statistics the same weights gave AUROC 0.95 after
     the first epoch and 1.00 from the second."""
-    torch.set_num_threads(2)
     rng = np.random.default_rng(0)
     train_x, train_y = disks(150, 64, rng)
     test_x, test_y = disks(60, 64, rng)
