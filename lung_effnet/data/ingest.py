@@ -101,6 +101,9 @@ def ingest(source: str | Path, out_dir: str | Path, labels_csv: str | Path | Non
     source = Path(source)
     if not source.exists():
         raise FileNotFoundError(f"source not found: {source}")
+    # Manifest paths are absolute (read_manifest resolves relative ones against the manifest's own
+    # folder, so a path relative to the working directory would point nowhere when read back).
+    source = source.resolve()
     out_dir = Path(out_dir)
     if source.is_file() and source.suffix.lower() == ".csv":
         result = ingest_manifest_csv(source, progress)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,3 +102,18 @@ def test_manifest_missing_column_is_one_clear_error(tmp_path):
     bad = _write(tmp_path / "m.csv", ["file", "label"], [["a.png", "benign"]])
     with pytest.raises(ManifestError, match="missing column\\(s\\) path, patient_id"):
         ingest(bad, tmp_path / "out", progress=False)
+
+
+def test_a_source_given_relative_to_the_working_directory_reads_back(tmp_path, monkeypatch):
+    """Manifest paths are absolute: read back from the run's ingest/manifest.csv (as the saliency
+    report and ``--resume`` do) they name the same files, whatever the working directory was."""
+    from lung_effnet.data.manifest import read_manifest
+    from lung_effnet.data.synthetic_dataset import write_synthetic_dataset
+
+    write_synthetic_dataset(tmp_path / "data", "dicom", n_patients=2, seed=0, size_px=32, n_slices=3, progress=False)
+    monkeypatch.chdir(tmp_path)
+    result = ingest("data", "out", labels_csv="data/labels.csv", progress=False)
+    monkeypatch.chdir("/")
+    back = read_manifest(tmp_path / "out" / "manifest.csv")
+    assert [r["path"] for r in back] == [r["path"] for r in result.rows]
+    assert all(Path(r["path"]).is_absolute() and Path(r["path"]).is_file() for r in back)
