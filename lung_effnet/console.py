@@ -70,6 +70,9 @@ def print_cv_summary(summary: dict, out_dir: Path) -> None:
         print(f"\nWARNING: {warning}")
     mlflow_info = summary.get("mlflow", {})
     print(f"\nOutputs in {out_dir}: cv_summary.json, oof_predictions.csv, folds.csv, plots/, model/")
+    report = Path(out_dir) / "saliency" / "report.html"
+    if report.exists():
+        print(f"Grad-CAM review (opens offline): {report}")
     if mlflow_info:
         print(f"MLflow run {mlflow_info['parent_run_id']} in experiment '{mlflow_info['experiment']}'; model {mlflow_info['model_uri']}")
         uri = mlflow_info["tracking_uri"]
