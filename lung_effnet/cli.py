@@ -173,7 +173,6 @@ def cmd_train(args) -> int:
 def cmd_score(args) -> int:
     from .console import format_table
     from .scoring import OutputMismatchError, score_archive
-    from .scoring.saliency import SaliencyUnavailable
 
     if args.batch_size < 1 or (args.workers is not None and args.workers < 0):
         raise UsageError("--batch-size must be >= 1 and --workers >= 0")
@@ -182,7 +181,7 @@ def cmd_score(args) -> int:
     try:
         summary = score_archive(args.model, args.input, args.out, batch_size=args.batch_size, device=args.device,
                                 workers=args.workers, saliency=args.saliency, progress=not args.quiet)
-    except (OutputMismatchError, SaliencyUnavailable, ValueError) as exc:
+    except (OutputMismatchError, ValueError) as exc:
         raise UsageError(str(exc).splitlines()[0]) from None
     except Exception as exc:  # an MLflow URI that does not resolve raises MLflow's own exception types
         if type(exc).__module__.startswith("mlflow"):

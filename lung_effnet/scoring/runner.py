@@ -171,10 +171,6 @@ def score_archive(model: str | Path, input_dir: str | Path, out_dir: str | Path,
 def _score(model, input_dir: Path, out_dir: Path, dev: torch.device, pool, started: float, *, batch_size: int,
            workers: int, saliency: bool, top_k: int, progress: bool) -> dict:
     predictor = load_model(model, str(dev))
-    if saliency:
-        from .saliency import check_available
-
-        check_available()
     journal = Journal(out_dir, {"version": RECORD_VERSION, "model": model_fingerprint(predictor),
                                 "rule": RULE, "top_k": top_k, "saliency": saliency})
     discovery = discover(input_dir, exclude=out_dir, group_size=batch_size, progress=progress)

@@ -17,18 +17,6 @@ import numpy as np
 from .. import CLASSES
 
 
-class SaliencyUnavailable(RuntimeError):
-    """``--saliency`` was asked for but the Grad-CAM module cannot be imported."""
-
-
-def check_available() -> None:
-    try:
-        from ..explain import grad_cam  # noqa: F401
-        from ..report import Case, write_case_report  # noqa: F401
-    except ImportError as exc:
-        raise SaliencyUnavailable(f"--saliency needs lung_effnet.explain and lung_effnet.report ({exc})") from None
-
-
 def report_name(series_uid: str) -> str:
     """``reports/<series>.html``, the series UID or relative path made safe as a file name."""
     return "reports/" + "".join(c if c.isalnum() or c in "._-" else "_" for c in series_uid) + ".html"
