@@ -157,13 +157,19 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512, help="DICOM matrix, px")
     parser.add_argument("--image-size", type=int, default=224, help="model input, px")
     parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    parser.add_argument("--workers", type=int, default=None, help="default: what `lung-effnet score` picks for --device")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--skip-naive", action="store_true", help="GPU runs: the naive loop takes long and is not the GPU target")
     parser.add_argument("--memory", action="store_true",
                         help="instead: peak memory of scoring one --slices x --size series (e.g. --slices 600 --size 512)")
     args = parser.parse_args()
+    if args.workers is None:
+        import torch
+
+        from lung_effnet.scoring.runner import default_workers
+
+        args.workers = default_workers(torch.device(args.device))
     if args.memory:
         return peak_memory(args)
 

@@ -26,6 +26,7 @@ from .images2d import is_image_2d, read_image_2d
 from .nifti import is_nifti, read_nifti
 from .samples import GRAY, HU, read_dicom_file
 from .transforms import preprocess_sample
+from .volume_preprocess import context_planes
 
 CACHE_VERSION = 1
 """Bump when preprocessing changes meaning: old entries are then never read."""
@@ -108,14 +109,6 @@ def select_rows(rows: list[dict], cfg: DataConfig) -> list[dict]:
         else:
             keep.append(row)
     return keep
-
-
-def context_planes(hu: np.ndarray, k: int, context: int) -> np.ndarray:
-    """The ``(2 * context + 1, H, W)`` planes of slice ``k`` of a ``(Z, H, W)`` volume: its
-    neighbours ``k - context .. k + context``, the edge slice repeated beyond the ends (2.5D input;
-    ``context=0`` is the slice alone). Shared by training and scoring so both see the same input."""
-    idx = [min(max(k + d, 0), len(hu) - 1) for d in range(-context, context + 1)]
-    return hu[idx]
 
 
 class PlaneReader:

@@ -7,7 +7,8 @@ Output: ``image`` ``(C, S, S)`` float32 in [0, 1] and ``mask`` ``(1, S, S)`` uin
 Chain: (volumes) resample in-plane to ``spacing_mm`` -> HU window to [0, 1] (grey images are
 only rescaled: they are windowed already, windowing twice would crush them) -> crop to the body's
 bounding box -> pad to a square -> resize to S x S. Random augmentation is not here: it runs on
-whole batches on the training device (``lung_effnet.augment``).
+whole batches on the training device (``lung_effnet.augment``). Scoring runs the same chain on
+whole volumes with ``volume_preprocess.preprocess_volume`` (same values, tested).
 """
 
 from __future__ import annotations
@@ -20,11 +21,7 @@ from monai.transforms import (Compose, CropForegroundd, EnsureTyped, MapTransfor
 
 from ..config import DataConfig
 from .samples import GRAY, HU
-
-BODY_HU = -500.0
-"""Tissue denser than this is body (lungs are inside its outline); air and blankets are not."""
-BODY_GRAY = 0.2
-"""For already windowed images: the fraction of full scale above which a pixel is body."""
+from .volume_preprocess import BODY_MARGIN, body_threshold, window_bounds
 
 
 class AboveThreshold:
@@ -41,7 +38,7 @@ class CropToBodyd(MapTransform):
     """MONAI's CropForegroundd on the body outline, skipped when a slice has no body at all
     (an empty slice above the shoulders, a blank image): cropping to nothing would leave 0 x 0."""
 
-    def __init__(self, keys, threshold: float, margin: int = 2):
+    def __init__(self, keys, threshold: float, margin: int = BODY_MARGIN):
         super().__init__(keys)
         self.threshold = threshold
         self.crop = CropForegroundd(keys, source_key=keys[0], select_fn=AboveThreshold(threshold), margin=margin,
@@ -62,14 +59,6 @@ class PadToSquared(MapTransform):
         return SpatialPadd(self.keys, spatial_size=(side, side), mode="constant", value=0.0)(d)
 
 
-def body_threshold(cfg: DataConfig, unit: str) -> float:
-    """The body threshold on the [0, 1] scale produced by the window (HU) or the rescale (grey)."""
-    if unit == GRAY:
-        return BODY_GRAY
-    low = cfg.window_center - cfg.window_width / 2
-    return float(np.clip((BODY_HU - low) / cfg.window_width, 0.0, 1.0))
-
-
 def preprocess_chain(cfg: DataConfig, unit: str, with_mask: bool, resample: bool) -> Compose:
     """The MONAI chain for one unit (``"HU"`` or ``"gray"``); see the module docstring."""
     key = (tuple(sorted(vars(cfg).items())), unit, with_mask, resample)
@@ -88,11 +77,8 @@ def _build_chain(cfg: DataConfig, unit: str, with_mask: bool, resample: bool) ->
     steps = []
     if resample and cfg.spacing_mm and unit == HU:
         steps.append(Spacingd(keys, pixdim=(cfg.spacing_mm, cfg.spacing_mm), mode=modes_interp))
-    if unit == HU:
-        low = cfg.window_center - cfg.window_width / 2
-        steps.append(ScaleIntensityRanged("image", a_min=low, a_max=low + cfg.window_width, b_min=0.0, b_max=1.0, clip=True))
-    else:
-        steps.append(ScaleIntensityRanged("image", a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0, clip=True))
+    low, high = window_bounds(cfg, unit)
+    steps.append(ScaleIntensityRanged("image", a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True))
     if cfg.crop_to_body:
         steps.append(CropToBodyd(keys, body_threshold(cfg, unit)))
     steps += [

@@ -8,8 +8,16 @@ abnormal slices, ``aggregate`` docstring), ``journal`` (atomic per-series record
 (optional Grad-CAM pages) and ``runner`` (the loop). ``score_archive`` is the entry point.
 """
 
-from .aggregate import TOP_K, aggregate_series
-from .journal import OutputMismatchError
-from .runner import score_archive
-
 __all__ = ["score_archive", "aggregate_series", "TOP_K", "OutputMismatchError"]
+_HOME = {"score_archive": "runner", "aggregate_series": "aggregate", "TOP_K": "aggregate",
+         "OutputMismatchError": "journal"}
+
+
+def __getattr__(name: str):
+    """Names resolved on first use: the decode workers import ``prepare`` alone, and must not pay
+    for ``runner``'s imports (the model, hence MONAI: seconds per worker start)."""
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)

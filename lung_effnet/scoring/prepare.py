@@ -7,7 +7,8 @@ Training's sample from a volume plane (``data.dataset.PlaneReader`` + ``load_or_
 the ``(2c+1, H, W)`` planes of slice k in HU (``context_planes``, edges repeated), the volume's
 in-plane spacing ``(dy, dx)`` mm, ``preprocess_sample`` (resample, window, body crop, pad, resize),
 stored as float16. 2D images are grey levels, repeated ``2c+1`` times, without spacing. Scoring
-calls the same functions with the model's saved ``DataConfig`` and keeps the same float16.
+runs the same chain with the model's saved ``DataConfig`` through ``preprocess_volume``, which
+does a whole volume at once and gives the same float16 values (``tests/data/test_volume_preprocess.py``).
 """
 
 from __future__ import annotations
@@ -20,13 +21,12 @@ from pathlib import Path
 import numpy as np
 
 from ..config import DataConfig
-from ..data.dataset import context_planes
 from ..data.dicom_series import load_series
 from ..data.images2d import read_image_2d
 from ..data.ledger import Ledger
 from ..data.nifti import read_nifti
 from ..data.samples import GRAY, HU
-from ..data.transforms import preprocess_sample
+from ..data.volume_preprocess import preprocess_volume
 from .discover import DICOM, IMAGES, NIFTI, ScoreUnit
 
 MIN_CT_HU = -200.0
@@ -85,16 +85,6 @@ def prepare_unit(unit: ScoreUnit, cfg: DataConfig) -> PreparedUnit:
     return PreparedUnit(unit.key, images, items, rows, time.perf_counter() - start)
 
 
-def preprocess_volume(hu: np.ndarray, spacing_yx: tuple[float, float], cfg: DataConfig) -> np.ndarray:
-    """``(Z, Y, X)`` HU -> ``(Z, C, S, S)`` float16 in [0, 1], slice by slice as in training."""
-    channels = 2 * cfg.context_slices + 1
-    out = np.empty((len(hu), channels, cfg.image_size, cfg.image_size), np.float16)
-    for k in range(len(hu)):
-        image, _ = preprocess_sample(context_planes(hu, k, cfg.context_slices), HU, cfg, None, spacing_yx)
-        out[k] = image.numpy()
-    return out
-
-
 def _empty(cfg: DataConfig) -> np.ndarray:
     return np.zeros((0, 2 * cfg.context_slices + 1, cfg.image_size, cfg.image_size), np.float16)
 
@@ -113,7 +103,7 @@ def _dicom(unit: ScoreUnit, cfg: DataConfig, ledger: Ledger):
         _fail_all(unit, ledger, "decode", "no slice of the series could be decoded")
         return _empty(cfg), [item]
     try:
-        images = preprocess_volume(volume.hu, volume.spacing[1:], cfg)
+        images = preprocess_volume(volume.hu, HU, cfg, volume.spacing[1:])
     except Exception as exc:  # geometry the transforms cannot take: the series fails, the run goes on
         _fail_all(unit, ledger, "preprocess", f"series not preprocessable: {type(exc).__name__}"[:300])
         return _empty(cfg), [item]
@@ -137,7 +127,7 @@ def _nifti(unit: ScoreUnit, cfg: DataConfig, ledger: Ledger):
         item.status = SKIPPED
         return _empty(cfg), [item]
     try:
-        images = preprocess_volume(volume.hu, volume.spacing[1:], cfg)
+        images = preprocess_volume(volume.hu, HU, cfg, volume.spacing[1:])
     except Exception as exc:
         ledger.failed(rel, "preprocess", f"volume not preprocessable: {type(exc).__name__}"[:300], rel)
         return _empty(cfg), [item]
@@ -147,19 +137,18 @@ def _nifti(unit: ScoreUnit, cfg: DataConfig, ledger: Ledger):
 
 
 def _images(unit: ScoreUnit, cfg: DataConfig, ledger: Ledger):
-    channels = 2 * cfg.context_slices + 1
     images, items = [], []
     for rel in unit.files:
         try:
             plane = read_image_2d(Path(unit.root) / rel)
-            image, _ = preprocess_sample(np.repeat(plane[None], channels, axis=0), GRAY, cfg)
+            image = preprocess_volume(plane[None], GRAY, cfg)[0]  # one plane: context repeats it
         except Exception as exc:  # truncated or not really an image: one row, go on
             ledger.failed(rel, "decode", f"image not decodable: {type(exc).__name__}: {exc}"[:300], rel)
             items.append(PreparedItem(rel, rel, FAILED))
             continue
         ledger.used(rel, rel)
         items.append(PreparedItem(rel, rel, OK, len(images), len(images) + 1, [rel]))
-        images.append(image.numpy().astype(np.float16))
+        images.append(image)
     return (np.stack(images) if images else _empty(cfg)), items
 
 

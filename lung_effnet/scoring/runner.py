@@ -1,6 +1,6 @@
 """The score stage's loop: discover -> decode in workers -> batched ensemble inference -> records.
 
-Decoding and preprocessing (``prepare``) run in ``workers`` processes (``spawn``, one thread
+Decoding and preprocessing (``prepare``) run in ``workers`` processes (``forkserver``, one thread
 each) while the main process runs the model, so decode overlaps inference. At most
 ``workers + PREFETCH`` units are in flight (being decoded or waiting for the model), which bounds
 memory by a few series whatever the archive size. Each finished unit is journaled at once
@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from .. import CLASSES, __version__
+from ..inference import inference_copy
 from ..predictor import Predictor, load_model
 from .aggregate import TOP_K
 from .discover import Discovery, ScoreUnit, discover
@@ -38,20 +40,36 @@ PREFETCH = 2
 RULE = "mean class probabilities of the top_k slices by abnormality (p_benign + p_malignant); key slice = the most abnormal"
 
 
-def default_workers() -> int:
-    """One core is left to the process that runs the model (and feeds the GPU)."""
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
+def default_workers(device: torch.device) -> int:
+    """On a GPU the data path has to keep up with the device: every core but the one that feeds
+    it, at most 8. On a CPU the model is the slow part: a slice takes ~4 ms to decode and preprocess (512 px) against ~20 ms of
+    a 5-fold b0 on two cores at 96 px, ~10x that at 224 px (``benchmarks/RESULTS.md``), so one
+    worker keeps up on up to ~8 cores, and each further one takes cores from the model."""
+    cores = os.cpu_count() or 2
+    if device.type == "cuda":
+        return max(1, min(8, cores - 1))
+    return max(1, min(4, cores // 8))
+
+
+def inference_threads(workers: int) -> int:
+    """Torch threads for CPU inference beside ``workers`` decode processes. The first worker shares
+    a core with the model (it is busy a fifth of the model's time per slice, see
+    ``default_workers``; on 2 cores, 1 thread for the model instead of 2 cost half the speed), each
+    further one takes a core of its own."""
+    return max(1, (os.cpu_count() or 2) - max(0, workers - 1))
 
 
 class SliceScorer:
     """Runs the fold ensemble on a unit's slices: ``(N, C, S, S)`` float16 -> ``(N, 3)`` float64.
 
-    Same numerics as training's evaluation: fp32 on CPU; bf16 autocast on CUDA when the model was
-    trained with ``train.amp``; channels_last when it was trained with it.
+    Training's evaluation numerics: fp32 on CPU; bf16 autocast on CUDA when the model was trained
+    with ``train.amp``; channels_last when it was trained with it. The ensemble runs as its
+    ``inference.inference_copy`` (BatchNorm folded into the convolutions), which changes the
+    probabilities by float32 rounding only (< 1e-6) and saves ~30% of the time on CPU.
     """
 
     def __init__(self, predictor: Predictor, batch_size: int):
-        self.model, self.device, self.batch_size = predictor.model.eval(), predictor.device, batch_size
+        self.model, self.device, self.batch_size = inference_copy(predictor.model), predictor.device, batch_size
         self.amp = predictor.config.train.amp and self.device.type == "cuda"
         self.channels_last = predictor.config.train.channels_last
         if self.channels_last:
@@ -73,10 +91,12 @@ class SliceScorer:
 
 
 def start_pool(workers: int) -> ProcessPoolExecutor | None:
-    """The decode processes, started at once so that their start overlaps model loading and the
-    header pass. ``forkserver`` (where the OS has it) imports torch and MONAI once, in the server,
-    and forks each worker from it; ``spawn`` would import them again in every worker (seconds
-    each), and plain ``fork`` of a process already running torch threads can deadlock."""
+    """The decode processes, started in the background so that their start overlaps model loading
+    and the header pass. ``forkserver`` (where the OS has it) imports the worker's modules (torch,
+    pydicom; not MONAI, see ``data.volume_preprocess``) once, in the server, and forks each worker
+    from it; ``spawn`` would import them again in every worker, and plain ``fork`` of a process
+    already running torch threads can deadlock. Starting the first worker waits for the server's
+    imports (~2 s), hence the thread."""
     if workers == 0:
         return None
     methods = multiprocessing.get_all_start_methods()
@@ -84,9 +104,17 @@ def start_pool(workers: int) -> ProcessPoolExecutor | None:
     if ctx.get_start_method() == "forkserver":
         ctx.set_forkserver_preload([prepare_unit.__module__])
     pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker)
-    for _ in range(workers):
-        pool.submit(int)  # a no-op that makes the pool start its processes now
+    threading.Thread(target=_start_processes, args=(pool, workers), daemon=True).start()
     return pool
+
+
+def _start_processes(pool: ProcessPoolExecutor, workers: int) -> None:
+    """Submit no-ops, which make the pool start its processes now (``submit`` is thread-safe)."""
+    try:
+        for _ in range(workers):
+            pool.submit(int)
+    except RuntimeError:  # the run ended (an error before the first unit) and shut the pool down
+        pass
 
 
 def prepared_units(units: list[ScoreUnit], cfg, pool: ProcessPoolExecutor | None,
@@ -145,7 +173,7 @@ def score_archive(model: str | Path, input_dir: str | Path, out_dir: str | Path,
         model: a ``train`` model folder (or its output folder) or an MLflow model URI.
         batch_size: slices per forward pass (also the size of 2D image groups).
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
-        workers: decode processes; 0 decodes in this process; ``None``: ``default_workers()``.
+        workers: decode processes; 0 decodes in this process; ``None``: ``default_workers(device)``.
 
     Raises:
         FileNotFoundError: ``input_dir`` or the model does not exist.
@@ -157,8 +185,8 @@ def score_archive(model: str | Path, input_dir: str | Path, out_dir: str | Path,
         raise FileNotFoundError(f"--input not found: {input_dir}")
     if batch_size < 1 or top_k < 1 or (workers is not None and workers < 0):
         raise ValueError("--batch-size and top_k must be >= 1, --workers >= 0")
-    workers = default_workers() if workers is None else workers
     dev = resolve_device(device)
+    workers = default_workers(dev) if workers is None else workers
     pool = start_pool(workers)
     try:
         return _score(model, input_dir, out_dir, dev, pool, started, batch_size=batch_size, workers=workers,
@@ -177,8 +205,8 @@ def _score(model, input_dir: Path, out_dir: Path, dev: torch.device, pool, start
     records = {u.key: r for u in discovery.units if (r := journal.load(u)) is not None}
     todo = [u for u in discovery.units if u.key not in records]
     threads = torch.get_num_threads()
-    if dev.type == "cpu" and workers > 0:  # leave the decode workers their cores
-        torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 2) - workers)))
+    if dev.type == "cpu":  # within the caller's limit (OMP_NUM_THREADS, torch.set_num_threads)
+        torch.set_num_threads(min(threads, inference_threads(workers)))
     try:
         done = run_units(todo, discovery, predictor, journal, records, batch_size, pool, workers, saliency, top_k,
                          out_dir, progress)
