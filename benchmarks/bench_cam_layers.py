@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import easy_phantoms  # noqa: E402
 from lung_effnet.explain import grad_cam, members_of  # noqa: E402
-from lung_effnet.report import load_run, oof_inputs  # noqa: E402
+from lung_effnet.report import oof_inputs  # noqa: E402
+from lung_effnet.trained_run import load_run  # noqa: E402
 from lung_effnet.saliency_checks import localization  # noqa: E402
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Rebuild the saliency report of a finished ``train`` run: ``lung-effnet report`` or
 ``python -m pipelines.saliency_report --run DIR_OR_RUN_ID --out DIR``.
 
-Thin: ``lung_effnet.report.load_run`` opens the run (its folder, or an MLflow parent run id: the
+Thin: ``lung_effnet.trained_run.load_run`` opens the run (its folder, or an MLflow parent run id: the
 run's outputs and its logged fold ensemble), ``build_oof_report`` explains and writes
 ``OUT/report.html`` (self-contained) and ``OUT/checks.json``.
 """
@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lung_effnet.report import build_oof_report, load_run
+from lung_effnet.report import build_oof_report
+from lung_effnet.trained_run import load_run
 
 
 def run_report(run: str | Path, out: str | Path, method: str = "gradcam", top: int = 2,

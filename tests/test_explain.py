@@ -125,7 +125,7 @@ def test_pointing_chance_is_the_share_of_pixels_near_the_lesion():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from lung_effnet.report import load_run
+    from lung_effnet.trained_run import load_run
 
     return load_run(easy_phantoms.easy_run(tmp_path_factory.getbasetemp() / "saliency-run")["run"])
 
@@ -163,7 +163,7 @@ def test_after_short_training_maps_land_on_lesions_more_often_than_a_random_map(
     map's energy is concentrated on it. Measured once (benchmarks/RESULTS.md): OOF AUROC 0.93,
     pointing 0.52 against a chance of 0.06, energy 4.6 x the lesion's area; the stride-32 layers
     (``_conv_head``) stayed at chance on the same models. About 80 s on 2 cores, the slowest test."""
-    from lung_effnet.report import load_run
+    from lung_effnet.trained_run import load_run
     from lung_effnet.saliency_checks import localization
 
     run = load_run(easy_phantoms.easy_run(tmp_path_factory.mktemp("learn"), LEARN, LEARN_PATIENTS)["run"])

@@ -11,7 +11,9 @@ import pytest
 
 from lung_effnet import CLASSES
 from lung_effnet.cli import main
-from lung_effnet.report import Case, load_run, select_cases, write_case_report
+from lung_effnet.report import select_cases
+from lung_effnet.report_html import Case, write_case_report
+from lung_effnet.trained_run import load_run
 
 import easy_phantoms
 

@@ -288,8 +288,6 @@ def test_no_phi_in_outputs_or_printed_lines(clean_run):
 
 
 def test_saliency_writes_one_page_per_series(archive, trained, tmp_path):
-    pytest.importorskip("lung_effnet.explain")
-    pytest.importorskip("lung_effnet.report")
     out = tmp_path / "sal"
     code, printed = _run_cli(["score", "-q", "--model", str(trained[0]), "--input", str(archive[0] / "study_a"), "--out",
                               str(out), "--workers", "0", "--batch-size", "4", "--saliency"])
