@@ -9,11 +9,15 @@ same files with a warm page cache (best of ``--repeats``, the methods alternatin
            by slice (``Predictor.predict_proba`` on one slice at a time), in one process;
 - project: ``lung_effnet.scoring.score_archive`` end to end (worker start, header pass, decode and
            preprocessing in ``--workers`` processes, batched inference, journal, output files);
+- data path: the project without the model: header pass, then decode and preprocessing in
+           ``--workers`` processes (``prepared_units``), the images dropped: what the workers can
+           feed a model;
 - raw decode: ``pydicom.dcmread(f).pixel_array`` for every file in ``--workers`` processes, no
            model: the ceiling the data path can reach.
 
 Prints series/min and slices/s for each, project / naive (target >= 3 on CPU) and project / raw
-decode (target >= 0.8 on a GPU).
+decode (target >= 0.8 on a GPU); data path / raw decode says how much of that the data path
+alone allows, and so whether a miss is the model's or the data path's.
 
     python benchmarks/bench_score.py --device cpu --series 8 --slices 32 --workers 1
     python benchmarks/bench_score.py --device cuda --series 48 --slices 128 --workers 15 --batch-size 128
@@ -84,6 +88,23 @@ def project(model_dir: Path, root: Path, out: Path, device: str, workers: int, b
     shutil.rmtree(out, ignore_errors=True)
     summary = score_archive(model_dir, root, out, batch_size=batch_size, device=device, workers=workers, progress=False)
     return summary["counts"]["slices_scored"]
+
+
+def data_path(model_dir: Path, root: Path, workers: int) -> int:
+    import yaml
+
+    from lung_effnet.config import from_dict
+    from lung_effnet.scoring.discover import discover
+    from lung_effnet.scoring.runner import prepared_units, start_pool
+
+    cfg = from_dict(yaml.safe_load((model_dir / "config.yaml").read_text())).data  # the model's preprocessing
+    pool = start_pool(workers)
+    try:
+        units = discover(root, progress=False).units
+        return sum(len(prepared.images) for _, prepared in prepared_units(units, cfg, pool, workers))
+    finally:
+        if pool is not None:
+            pool.shutdown()
 
 
 def _decode_files(files: list[str]) -> int:
@@ -182,6 +203,7 @@ def main() -> None:
         folders = write_archive(work / "archive", args.series, args.slices, args.size)
         model_dir = write_model(work / "model", args.image_size, args.folds)
         methods = {"project": lambda: project(model_dir, work / "archive", work / "out", args.device, args.workers, args.batch_size),
+                   "data path": lambda: data_path(model_dir, work / "archive", args.workers),
                    "raw decode": lambda: raw_decode(folders, args.workers)}
         if not args.skip_naive:
             methods = {"naive": lambda: naive(model_dir, folders, args.device), **methods}
@@ -195,6 +217,7 @@ def main() -> None:
         n = args.series * args.slices
         labels = {"naive": "naive loop (read series, score slice by slice, 1 process)",
                   "project": f"project (score_archive, {args.workers} workers, batch {args.batch_size})",
+                  "data path": f"data path (project without the model, {args.workers} workers)",
                   "raw decode": f"raw pydicom decode ({args.workers} processes, no model)"}
         rows = [[labels[k], f"{args.series / t * 60:.1f}", f"{n / t:.1f}", f"{t:.1f}"] for k, t in best.items()]
         device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
@@ -204,6 +227,7 @@ def main() -> None:
         if "naive" in best:
             print(f"project / naive loop:  {best['naive'] / best['project']:.2f}x  (target >= 3 on CPU)")
         print(f"project / raw decode:  {best['raw decode'] / best['project']:.2f}  (target >= 0.8 on a GPU)")
+        print(f"data path / raw decode:  {best['raw decode'] / best['data path']:.2f}  (what the workers allow)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
