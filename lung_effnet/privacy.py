@@ -37,10 +37,19 @@ def _load_key(env_key: str | None, key_file: str) -> bytes:
         return env_key.encode()
     path = Path(key_file)
     if not path.exists():
+        # Written whole under a private name, then linked into place: processes that start at once
+        # (scoring's header workers) never read a half-written key, and the first link wins.
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write(secrets.token_hex(32))
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
     return path.read_text().strip().encode()
 
 

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -244,11 +246,15 @@ def classify_header(ds, path: Path, rel: str, pixel_offset: int = -1) -> tuple[S
 
 
 def index_dicom_tree(root: str | Path, ledger: Ledger, files: list[Path] | None = None,
-                     progress: bool = True) -> dict[str, SeriesIndex]:
+                     progress: bool = True, map_fn: Callable | None = None) -> dict[str, SeriesIndex]:
     """Read every file's header under ``root`` and group the usable CT slices by series.
 
     Every file gets a ledger row: usable slices ``used`` for now (decoding may still fail them),
     others ``skipped`` or ``failed`` with their reason (stage ``index``).
+
+    ``map_fn``: an order-keeping ``map`` (e.g. a process pool's, with a chunksize) to read the
+    headers in parallel: at ~0.7 ms a file, the header pass of a large archive is otherwise as long
+    as decoding it. ``None`` reads them here, one by one.
 
     Returns:
         series UID -> ``SeriesIndex``, in the order series were first met.
@@ -257,31 +263,38 @@ def index_dicom_tree(root: str | Path, ledger: Ledger, files: list[Path] | None 
 
     root = Path(root)
     files = list_files(root) if files is None else files
+    results = (map_fn or map)(partial(index_file, root=root), files)
     series: dict[str, SeriesIndex] = {}
-    for path in tqdm(files, desc="index DICOM", unit="file", disable=not progress, leave=False):
-        rel = relative_name(path, root)
-        if path.suffix.lower() in NON_DICOM_SUFFIXES:
-            ledger.skipped(rel, "index", f"not a DICOM file ({path.suffix} file)")
-            continue
-        try:
-            ds, pixel_offset = read_header(path)
-        except InvalidDicomError:
-            ledger.skipped(rel, "index", "not a DICOM file (no DICM preamble, no SOP class)")
-            continue
-        except Exception as exc:  # truncated header, bad VR, I/O error: one row, go on
-            # The exception's text is left out on purpose: a parse error can quote an element's
-            # value, and that element may be PatientName or another identifying tag.
-            ledger.failed(rel, "index", f"unreadable DICOM header ({type(exc).__name__})")
-            continue
-        header, status, reason = classify_header(ds, path, rel, pixel_offset)
+    for rel, header, status, reason, uid in tqdm(results, total=len(files), desc="index DICOM", unit="file",
+                                                 disable=not progress, leave=False):
         if header is None:
-            getattr(ledger, status)(rel, "index", reason, str(ds.get("SeriesInstanceUID", "")))
+            getattr(ledger, status)(rel, "index", reason, uid)
             continue
         ledger.used(rel, header.series_uid)
         series.setdefault(header.series_uid, SeriesIndex(header.series_uid)).slices.append(header)
     for entry in series.values():
         order_series(entry, ledger)
     return series
+
+
+def index_file(path: Path, root: Path) -> tuple[str, SliceHeader | None, str, str, str]:
+    """One file's header: ``(rel, header, "used", "", uid)`` for a usable CT slice, else
+    ``(rel, None, "skipped" | "failed", reason, uid or "")``. Never raises (picklable, for workers)."""
+    rel = relative_name(path, root)
+    if path.suffix.lower() in NON_DICOM_SUFFIXES:
+        return rel, None, "skipped", f"not a DICOM file ({path.suffix} file)", ""
+    try:
+        ds, pixel_offset = read_header(path)
+    except InvalidDicomError:
+        return rel, None, "skipped", "not a DICOM file (no DICM preamble, no SOP class)", ""
+    except Exception as exc:  # truncated header, bad VR, I/O error: one row, go on
+        # The exception's text is left out on purpose: a parse error can quote an element's
+        # value, and that element may be PatientName or another identifying tag.
+        return rel, None, "failed", f"unreadable DICOM header ({type(exc).__name__})", ""
+    header, status, reason = classify_header(ds, path, rel, pixel_offset)
+    if header is None:
+        return rel, None, status, reason, str(ds.get("SeriesInstanceUID", ""))
+    return rel, header, "used", "", header.series_uid
 
 
 def order_series(entry: SeriesIndex, ledger: Ledger) -> None:

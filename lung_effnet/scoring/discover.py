@@ -12,6 +12,7 @@ still its own series row in the outputs).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,11 +54,12 @@ class Discovery:
 
 
 def discover(root: str | Path, exclude: str | Path | None = None, group_size: int = 64,
-             progress: bool = True) -> Discovery:
+             progress: bool = True, map_fn: Callable | None = None) -> Discovery:
     """Walk ``root`` and return its units (see module docstring), in a deterministic order.
 
     ``exclude``: a folder left out of the walk (the output folder when it lies inside the input,
-    so that a rerun does not read the previous run's outputs as inputs).
+    so that a rerun does not read the previous run's outputs as inputs). ``map_fn``: an
+    order-keeping parallel ``map`` for the header pass (``index_dicom_tree``); same result.
     """
     root = Path(root).resolve()
     files = list_files(root)
@@ -66,7 +68,7 @@ def discover(root: str | Path, exclude: str | Path | None = None, group_size: in
         files = [f for f in files if not f.resolve().is_relative_to(skip)]
     ledger = Ledger()
     volumes, images, others = split_by_kind(files)
-    series = index_dicom_tree(root, ledger, files=others, progress=progress)
+    series = index_dicom_tree(root, ledger, files=others, progress=progress, map_fn=map_fn)
     base = root if root.is_dir() else root.parent
     units = [ScoreUnit(DICOM, uid, [s.rel for s in entry.slices], str(base), len(entry.slices), entry)
              for uid, entry in series.items() if entry.slices]

@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,8 @@ from .prepare import PreparedUnit, init_worker, prepare_unit
 
 PREFETCH = 2
 """Decoded units that may wait for the model beyond one per worker."""
+HEADER_CHUNK = 64
+"""Files per worker task in the header pass (amortises the round trip of a task, ~0.1 ms)."""
 RULE = "mean class probabilities of the top_k slices by abnormality (p_benign + p_malignant); key slice = the most abnormal"
 
 
@@ -201,7 +204,10 @@ def _score(model, input_dir: Path, out_dir: Path, dev: torch.device, pool, start
     predictor = load_model(model, str(dev))
     journal = Journal(out_dir, {"version": RECORD_VERSION, "model": model_fingerprint(predictor),
                                 "rule": RULE, "top_k": top_k, "saliency": saliency})
-    discovery = discover(input_dir, exclude=out_dir, group_size=batch_size, progress=progress)
+    # the header pass spread over the decode workers (serially it takes about as long as decoding;
+    # 2 workers: 1.1 -> 0.47 ms a file); with one worker it would only add the round trips
+    map_fn = partial(pool.map, chunksize=HEADER_CHUNK) if pool is not None and workers > 1 else None
+    discovery = discover(input_dir, exclude=out_dir, group_size=batch_size, progress=progress, map_fn=map_fn)
     records = {u.key: r for u in discovery.units if (r := journal.load(u)) is not None}
     todo = [u for u in discovery.units if u.key not in records]
     threads = torch.get_num_threads()

@@ -107,6 +107,28 @@ def test_folder_with_two_series_an_sr_and_a_localizer(phantom, tmp_path):
     assert len(ledger.rows) == len(a) + len(b) + 2
 
 
+def test_header_pass_in_worker_processes_gives_the_serial_result(phantom, tmp_path):
+    """Scoring reads headers with a process pool's map: same series, same slice order, same rows."""
+    from concurrent.futures import ProcessPoolExecutor
+    from functools import partial
+
+    _write(phantom, tmp_path / "a", seed=1)
+    files = _write(phantom, tmp_path / "b", seed=2)
+    files[2].write_bytes(files[2].read_bytes()[:1200])  # a header cut short: a failed row
+    (tmp_path / "b" / "notes.txt").write_text("not DICOM")
+    write_sr(tmp_path / "b", patient_id="PID-1", patient_name="SYN^ONE", rng=np.random.default_rng(5),
+             study_uid=str(pydicom.dcmread(files[0]).StudyInstanceUID))
+    serial_ledger, pooled_ledger = Ledger(), Ledger()
+    serial = index_dicom_tree(tmp_path, serial_ledger, progress=False)
+    with ProcessPoolExecutor(2) as pool:
+        pooled = index_dicom_tree(tmp_path, pooled_ledger, progress=False, map_fn=partial(pool.map, chunksize=3))
+    assert list(pooled) == list(serial) and len(serial) == 2
+    for uid in serial:
+        assert pooled[uid].slices == serial[uid].slices
+    assert pooled_ledger.rows == serial_ledger.rows and pooled_ledger.stages == serial_ledger.stages
+    assert {r["status"] for r in serial_ledger.rows.values()} == {"used", "skipped", "failed"}
+
+
 def test_a_series_spanning_two_folders_is_one_series(phantom, tmp_path):
     files = _write(phantom, tmp_path / "a", shuffle_names=False)
     (tmp_path / "b").mkdir()
