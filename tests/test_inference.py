@@ -35,7 +35,8 @@ def test_folded_ensemble_gives_the_same_probabilities_without_batchnorm_or_symme
     assert torch.allclose(got, expected, atol=1e-6, rtol=0)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
     pads = [m for m in fast.modules() if isinstance(m, nn.ConstantPad2d)]
-    assert pads and all(m.padding[0] != m.padding[1] or m.padding[2] != m.padding[3] for m in pads)  # only asymmetric left
+    # only the asymmetric (stride-2) pads are left
+    assert pads and all(m.padding[0] != m.padding[1] or m.padding[2] != m.padding[3] for m in pads)
     assert all(torch.equal(before[k], v) for k, v in ensemble.state_dict().items())  # the original is untouched
     assert any(isinstance(m, nn.BatchNorm2d) for m in ensemble.modules())
 
