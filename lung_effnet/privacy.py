@@ -48,8 +48,11 @@ def _load_key(env_key: str | None, key_file: str) -> bytes:
             os.link(tmp, path)
         except FileExistsError:
             pass
+        except OSError:  # a file system without hard links: rename, unless another process won meanwhile
+            if not path.exists():
+                os.replace(tmp, path)
         finally:
-            os.unlink(tmp)
+            tmp.unlink(missing_ok=True)
     return path.read_text().strip().encode()
 
 
