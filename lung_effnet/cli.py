@@ -97,8 +97,9 @@ def _add_score(sub) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="slices per forward pass (default: 32)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: auto (CUDA when available)")
     p.add_argument("--workers", type=int, default=None,
-                   help="decode processes; 0 decodes in the main process (default: on a GPU CPU cores - 1, "
-                        "at most 8; on CPU 1 per 8 cores, at least 1, as the model is the bottleneck there)")
+                   help="decode processes; 0 decodes in the main process (default: with CUDA, one per CPU "
+                        "core but one, at most 8; on CPU, where the model is the slow part, 1 per 8 cores, "
+                        "at least 1)")
 
 
 def _add_report(sub) -> None:
