@@ -57,18 +57,18 @@ RECIPES = {
 }
 
 
-def export(data: str, labels: str | None, out: str, size: int, context: int = 0) -> None:
+def export(data: str, labels: str | None, out: str, size: int, context: int = 0, overrides=()) -> None:
     from lung_effnet.config import load_config
     from lung_effnet.data.dataset import build_sample_set
     from lung_effnet.data.ingest import ingest
 
-    cfg = load_config(None, [f"data.image_size={size}", f"data.context_slices={context}"])
+    cfg = load_config(None, [f"data.image_size={size}", f"data.context_slices={context}", *overrides])
     with tempfile.TemporaryDirectory() as tmp:
         result = ingest(data, Path(tmp) / "ingest", labels_csv=labels, progress=False)
         cache = Path(os.environ.get("LUNG_EFFNET_CACHE_DIR", Path(tmp) / "cache"))
         samples = build_sample_set(result.rows, cfg.data, cache, progress=True)
     torch.save({"images": samples.images, "labels": torch.from_numpy(samples.labels), "groups": list(samples.groups),
-                "size": size}, out)
+                "size": size, "masks": samples.masks, "mask_known": torch.from_numpy(samples.mask_known)}, out)
     print(f"wrote {len(samples)} slices ({np.bincount(samples.labels, minlength=3).tolist()} per class) to {out}")
 
 
@@ -118,11 +118,12 @@ def main(argv=None) -> int:
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--seeds", default="0", help="comma-separated seeds; each recipe runs once per seed")
     parser.add_argument("--recipes", default=",".join(RECIPES))
-    parser.add_argument("--set", action="append", default=[], help="extra override for every recipe")
+    parser.add_argument("--set", action="append", default=[],
+                        help="extra override for every recipe (with --export: for the preprocessing, e.g. data.crop=body)")
     args = parser.parse_args(argv)
     os.environ.setdefault("LUNG_EFFNET_HASH_KEY", "benchmark")
     if args.export:
-        export(args.export, args.labels, args.out, args.size, args.context)
+        export(args.export, args.labels, args.out, args.size, args.context, args.set)
         return 0
     from lung_effnet.console import format_table
 

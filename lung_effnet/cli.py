@@ -74,11 +74,30 @@ def _add_demo(sub) -> None:
     p = sub.add_parser("demo", parents=[_common()], help="the main job on embedded defaults: synthetic DICOM archive -> train",
                        description="Write a synthetic DICOM archive (with localizers and SRs, as real archives have) "
                                    "and train on it under 5-fold patient-grouped CV with configs/demo_cpu.yaml, "
-                                   "tracked in MLflow. Needs no data and no network; about 8 minutes on 2 CPU cores.")
+                                   "tracked in MLflow. Needs no data and no network; DEMO_MINUTES on 2 CPU cores.")
     p.add_argument("--out", type=Path, default=Path("demo_output"), help="output folder (default: demo_output)")
     p.add_argument("--patients", type=int, default=60, help="synthetic patients (default: 60)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+
+
+def _add_pretrain(sub) -> None:
+    p = sub.add_parser(
+        "pretrain", parents=[_common()], help="train an initialisation on synthetic phantoms, for train to start from",
+        description="Write --patients synthetic chest-CT phantoms (512 px, lesion masks), preprocess them as the "
+                    "config says, train one model from scratch on all of them and save OUT/weights.pt and "
+                    "OUT/pretrain.json, tracked in MLflow (experiment <tracking.experiment>-pretrain). Point "
+                    "model.pretrained_weights at OUT/weights.pt to start train from it. The package ships the "
+                    "result of 'lung-effnet pretrain --config demo_cpu --set model.pretrained_weights=null' as "
+                    "builtin:phantom-b0-96px-2.5d (benchmarks/RESULTS.md). About 12 minutes on 2 CPU cores.")
+    p.add_argument("--out", type=Path, required=True, help="output folder (created; a second run resumes it)")
+    p.add_argument("--config", default="demo_cpu", help="YAML config or a name in configs/ (default: demo_cpu): "
+                                                        "its data settings must be those train will use")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.epochs=12 (repeatable)")
+    p.add_argument("--patients", type=int, default=480, help="synthetic patients (default: 480)")
+    p.add_argument("--seed", type=int, default=1000, help="phantom seed (default: 1000; the demo uses 0)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
 
 
 def _add_score(sub) -> None:
@@ -126,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_synth(sub)
     _add_ingest(sub)
     _add_train(sub)
+    _add_pretrain(sub)
     _add_score(sub)
     _add_demo(sub)
     _add_report(sub)
@@ -169,6 +189,21 @@ def cmd_train(args) -> int:
     summary = run_cv(args.data, args.out, cfg, labels_csv=args.labels, tracking_uri=args.tracking_uri,
                      resume=args.resume, progress=not args.quiet)
     print_cv_summary(summary, args.out)
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from .config import load_config
+    from .pretrain import run_pretrain
+
+    if args.patients < 6:
+        raise UsageError("--patients must be >= 6")
+    cfg = load_config(args.config, args.overrides)
+    summary = run_pretrain(args.out, cfg, n_patients=args.patients, seed=args.seed, tracking_uri=args.tracking_uri,
+                           progress=not args.quiet)
+    print(f"pretrained on {summary['slices']} slices of {summary['patients']} phantom patients in "
+          f"{summary['seconds']:.0f} s: {summary['weights']}")
+    print(f"Start train from it with --set model.pretrained_weights={summary['weights']}")
     return 0
 
 
@@ -243,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     from .splits import LeakageError, TooFewPatientsError
     from .tracking import TrackingError
 
-    handler = {"synth": cmd_synth, "ingest": cmd_ingest, "train": cmd_train, "score": cmd_score,
+    handler = {"synth": cmd_synth, "ingest": cmd_ingest, "train": cmd_train, "pretrain": cmd_pretrain, "score": cmd_score,
                "demo": cmd_demo,
                "report": cmd_report}[args.command]
     try:

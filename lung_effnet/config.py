@@ -27,13 +27,13 @@ class ConfigError(ValueError):
 class DataConfig:
     """Preprocessing: what the model sees. Sizes in pixels, HU for windows, mm for spacing."""
 
-    image_size: int = 224                 # model input is (C, image_size, image_size)
+    image_size: int = 96                  # model input is (C, image_size, image_size); 96 measured (benchmarks/RESULTS.md)
     window_center: float = -600.0         # lung window, HU
     window_width: float = 1500.0          # HU
     spacing_mm: float | None = None       # resample volumes in-plane to this pixel size; None keeps it
     slices: str = "lesion"                # volumes: "lesion" (slices with mask > 0; all slices where the mask is empty) or "all"
-    context_slices: int = 0               # 0: 1 channel; 1: 3 channels (slices k-1, k, k+1) as 2.5D
-    crop_to_body: bool = True             # crop each slice to the body's bounding box before resizing
+    context_slices: int = 1               # 0: 1 channel; 1: 3 channels (slices k-1, k, k+1) as 2.5D
+    crop: str = "lung"                    # before resizing, crop each slice to the lungs' bounding box ("lung"; the body's where no lungs show), the body's ("body") or not ("none")
     cache_dir: str | None = None          # preprocessed tensors; None: $LUNG_EFFNET_CACHE_DIR, else ~/.cache/lung-effnet/preprocessed
 
 
@@ -44,16 +44,18 @@ class AugmentConfig:
     flip_prob: float = 0.5                # left-right flip
     rotate_deg: float = 10.0              # uniform in [-rotate_deg, rotate_deg]
     zoom: float = 0.1                     # scale in [1 - zoom, 1 + zoom]
+    translate: float = 0.0                # shift by up to this fraction of the side, each axis
     intensity_shift: float = 0.05         # added to [0, 1] intensities
     intensity_scale: float = 0.1          # multiplied by 1 +- this
     noise_std: float = 0.02               # Gaussian noise on [0, 1] intensities
     prob: float = 0.8                     # probability of each spatial / intensity transform
+    mixup_alpha: float = 0.0              # mixup (Zhang et al. 2018): blend each batch with a shuffled copy, weight ~ Beta(a, a); 0: off
 
 
 @dataclass
 class ModelConfig:
     name: str = "efficientnet-b0"
-    pretrained_weights: str | None = None  # local file with an ImageNet state dict (MONAI naming)
+    pretrained_weights: str | None = "builtin:phantom-b0-96px-2.5d"  # local state dict (MONAI naming), builtin:<name>, or None (from scratch)
     dropout: float | None = None           # before the head; None: the variant's default
     drop_connect: float = 0.2
     pooling: str = "avg"                   # global pooling before the head: "avg" (EfficientNet's) or "max" (lesion anywhere)
@@ -75,6 +77,7 @@ class TrainConfig:
     early_stopping_patience: int = 10      # epochs without a better validation macro AUROC
     class_balance: str = "sampler"         # "sampler" (balanced batches), "weights" (weighted loss) or "none"
     label_smoothing: float = 0.0
+    lesion_loss_weight: float = 1.0        # auxiliary loss on rows with a known lesion mask (lung_effnet.lesion_loss); 0: off
     bn_recalibration_images: int = 4096    # before each evaluation, re-estimate BatchNorm statistics on up to this many training images; 0: running averages
     val_fraction: float = 0.1              # of each fold's training patients, for early stopping
     amp: bool = True                       # bf16 autocast on CUDA; CPU always runs fp32
@@ -134,6 +137,7 @@ class Config:
 CHOICES = {
     "data.slices": ("lesion", "all"),
     "data.context_slices": (0, 1),
+    "data.crop": ("lung", "body", "none"),
     "train.optimizer": ("adam", "adamw"),
     "train.scheduler": ("cosine", "plateau", "none"),
     "train.class_balance": ("sampler", "weights", "none"),
@@ -185,6 +189,10 @@ def _check_ranges(cfg: Config) -> None:
     for key in FRACTIONS:
         if flat[key] is not None and not 0 <= flat[key] < 1:
             raise ConfigError(f"{key}: must be in [0, 1), got {flat[key]!r}")
+    for key in ("train.lesion_loss_weight", "augment.translate", "augment.mixup_alpha", "augment.rotate_deg", "augment.zoom", "augment.noise_std",
+                "augment.intensity_shift", "augment.intensity_scale"):
+        if flat[key] < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {flat[key]!r}")
     if cfg.train.bn_recalibration_images < 0:
         raise ConfigError(f"train.bn_recalibration_images: must be >= 0, got {cfg.train.bn_recalibration_images}")
     if cfg.cv.folds < 2:
@@ -194,6 +202,12 @@ def _check_ranges(cfg: Config) -> None:
 def from_dict(raw: dict | None) -> Config:
     """Build a validated ``Config`` from nested dicts (missing keys take defaults)."""
     raw = dict(raw or {})
+    if isinstance(raw.get("data"), dict) and "crop_to_body" in raw["data"]:
+        # model folders written before data.crop existed: crop_to_body true/false meant body/none
+        data = dict(raw["data"])
+        legacy = data.pop("crop_to_body")
+        data.setdefault("crop", "body" if legacy else "none")
+        raw["data"] = data
     cfg = Config()
     hints = typing.get_type_hints(Config)
     for key, value in raw.items():

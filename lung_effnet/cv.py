@@ -103,7 +103,9 @@ def fold_data(samples: SampleSet, train_idx: np.ndarray, cfg: Config, seed: int)
         log.warning("early stopping watches only %d validation patient(s): its choice of epoch is noise at this size; "
                     "consider train.val_fraction=0 (fixed schedule)", n_val_patients)
     y = torch.from_numpy(samples.labels)
-    return FoldData(samples.images[tr], y[tr], samples.images[va], y[va])
+    known = torch.from_numpy(samples.mask_known) if samples.mask_known is not None else None
+    return FoldData(samples.images[tr], y[tr], samples.images[va], y[va], samples.masks[tr],
+                    None if known is None else known[tr])
 
 
 def run_fold(run: CVRun, fold: int, progress: bool) -> np.ndarray:
@@ -195,6 +197,11 @@ def run_cv(source: str | Path, out_dir: str | Path, cfg: Config, labels_csv: str
     """Run the whole ``train`` stage; returns the content of ``cv_summary.json``."""
     out = Path(out_dir)
     _check_out_dir(out, resume)
+    if cfg.model.pretrained_weights:  # a wrong name stops here, not after preprocessing
+        from .model import resolve_weights
+
+        if not resolve_weights(cfg.model.pretrained_weights).is_file():
+            raise FileNotFoundError(f"model.pretrained_weights: file not found: {cfg.model.pretrained_weights}")
     out.mkdir(parents=True, exist_ok=True)
     uri = resolve_tracking_uri(tracking_uri, cfg.tracking.tracking_uri)
     tracker = CVTracker(uri, cfg.tracking.experiment, out / "mlflow_run.json")  # fails fast if unreachable

@@ -117,6 +117,29 @@ def set_drop_connect(model: nn.Module, rate: float) -> None:
     model.drop_connect_rate = float(rate)
 
 
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_DIR = Path(__file__).parent / "weights"
+"""Weights that ship with the package, named ``builtin:<name>`` in a config (``<name>.pt`` here):
+made by ``lung-effnet pretrain`` on synthetic phantoms (benchmarks/RESULTS.md), never downloaded."""
+
+
+def resolve_weights(name_or_path: str | Path) -> Path:
+    """The file a ``model.pretrained_weights`` setting names: ``builtin:<name>`` (shipped with the
+    package), or a local path.
+
+    Raises:
+        FileNotFoundError: no such built-in name or file.
+    """
+    text = str(name_or_path)
+    if not text.startswith(BUILTIN_PREFIX):
+        return Path(text).expanduser()
+    path = BUILTIN_DIR / f"{text[len(BUILTIN_PREFIX):]}.pt"
+    if not path.is_file():
+        known = ", ".join(BUILTIN_PREFIX + p.stem for p in sorted(BUILTIN_DIR.glob("*.pt"))) or "none"
+        raise FileNotFoundError(f"model.pretrained_weights: no built-in weights {text!r} (built in: {known})")
+    return path
+
+
 def load_pretrained(model: nn.Module, path: str | Path, in_channels: int) -> dict:
     """Load a local ImageNet state dict (MONAI EfficientNetBN naming) into ``model``, in place.
 
@@ -131,7 +154,7 @@ def load_pretrained(model: nn.Module, path: str | Path, in_channels: int) -> dic
 
     Args:
         model: a model from `create_model` (or any MONAI EfficientNetBN, 2D).
-        path: the weights file.
+        path: the weights file, or ``builtin:<name>`` (``resolve_weights``).
         in_channels: the model's input channels (1 or 3); must match its stem.
 
     Returns:
@@ -141,7 +164,7 @@ def load_pretrained(model: nn.Module, path: str | Path, in_channels: int) -> dic
         FileNotFoundError: no such file.
         ValueError: the file is not a state dict, or its keys or shapes do not fit the model.
     """
-    path = Path(path)
+    path = resolve_weights(path)
     if not path.is_file():
         raise FileNotFoundError(f"pretrained weights file not found: {path}")
     model_in = model._conv_stem.in_channels

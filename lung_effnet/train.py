@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from . import CLASSES
-from .augment import augment_batch
+from .augment import augment_batch, mixup
+from .lesion_loss import LesionHead
 from .config import Config
 
 log = logging.getLogger(__name__)
@@ -33,12 +34,20 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class FoldData:
-    """A fold's tensors: images ``(N, C, S, S)`` float16 in [0, 1], labels ``(N,)`` int64."""
+    """A fold's tensors: images ``(N, C, S, S)`` float16 in [0, 1], labels ``(N,)`` int64; for the
+    auxiliary lesion loss, optionally the training masks ``(N, 1, S, S)`` uint8 and which of them
+    are known ``(N,)`` bool."""
 
     train_x: torch.Tensor
     train_y: torch.Tensor
     val_x: torch.Tensor
     val_y: torch.Tensor
+    train_masks: torch.Tensor | None = None
+    train_mask_known: torch.Tensor | None = None
+
+    @property
+    def has_masks(self) -> bool:
+        return self.train_masks is not None and self.train_mask_known is not None and bool(self.train_mask_known.any())
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -87,9 +96,11 @@ def epoch_order(y: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tenso
     return torch.multinomial(weights, n, replacement=True, generator=gen)
 
 
-def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, cfg: Config, extra: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+    """Adam(W) over the model's parameters and those of ``extra`` (the training-only lesion head)."""
     cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
-    return cls(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    params = list(model.parameters()) + (list(extra.parameters()) if extra is not None else [])
+    return cls(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
 
 
 def make_scheduler(optimizer, cfg: Config, steps_per_epoch: int):
@@ -165,7 +176,9 @@ class FoldTrainer:
         if cfg.train.channels_last:  # NHWC: faster convolutions on CUDA and, with oneDNN, ~2x on CPU
             self.model = self.model.to(memory_format=torch.channels_last)
         self.data = self._place(data)
-        self.optimizer = make_optimizer(self.model, cfg)
+        use_lesion_loss = cfg.train.lesion_loss_weight > 0 and data.has_masks
+        self.lesion_head = LesionHead(self.model).to(self.device) if use_lesion_loss else None
+        self.optimizer = make_optimizer(self.model, cfg, self.lesion_head)
         self.steps_per_epoch = max(1, len(data.train_y) // cfg.train.batch_size)
         self.scheduler = make_scheduler(self.optimizer, cfg, self.steps_per_epoch)
         weights = None
@@ -186,9 +199,10 @@ class FoldTrainer:
             return data
         need = sum(t.numel() * t.element_size() for t in (data.train_x, data.val_x))
         free, _ = torch.cuda.mem_get_info(self.device)
+        tensors = (data.train_x, data.train_y, data.val_x, data.val_y, data.train_masks, data.train_mask_known)
         if need < free / 4:
-            return FoldData(*(t.to(self.device) for t in (data.train_x, data.train_y, data.val_x, data.val_y)))
-        return FoldData(*(t.pin_memory() for t in (data.train_x, data.train_y, data.val_x, data.val_y)))
+            return FoldData(*(None if t is None else t.to(self.device) for t in tensors))
+        return FoldData(*(None if t is None else t.pin_memory() for t in tensors))
 
     # -- checkpoints --------------------------------------------------------------------------
     def state(self) -> dict:
@@ -198,6 +212,7 @@ class FoldTrainer:
             "sample_gen": self.sample_gen.get_state(), "aug_gen": self.aug_gen.get_state(),
             "torch_rng": torch.get_rng_state(), "best_score": self.best_score, "best_epoch": self.best_epoch,
             "bad_epochs": self.bad_epochs, "history": self.history,
+            "lesion_head": self.lesion_head.state_dict() if self.lesion_head is not None else None,
         }
 
     def resume(self) -> bool:
@@ -207,6 +222,8 @@ class FoldTrainer:
             return False
         state = torch.load(path, map_location=self.device, weights_only=False)
         self.model.load_state_dict(state["model"])
+        if self.lesion_head is not None and state.get("lesion_head") is not None:
+            self.lesion_head.load_state_dict(state["lesion_head"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
@@ -229,12 +246,26 @@ class FoldTrainer:
             idx = idx.to(d.train_x.device)
             x = d.train_x[idx].to(self.device, non_blocking=True)
             y = d.train_y[idx].to(self.device, non_blocking=True)
-            x = augment_batch(x, cfg.augment, self.aug_gen).float()
+            masks = known = None
+            if self.lesion_head is not None:
+                x, masks = augment_batch(x, cfg.augment, self.aug_gen, masks=d.train_masks[idx])
+                known = d.train_mask_known[idx].to(self.device)
+            else:
+                x = augment_batch(x, cfg.augment, self.aug_gen)
+            x, perm, lam = x.float(), None, 1.0
+            if cfg.augment.mixup_alpha > 0:
+                x, perm, lam = mixup(x, cfg.augment.mixup_alpha, self.aug_gen)
+                if masks is not None:  # the blend shows both slices' lesions
+                    masks, known = torch.maximum(masks, masks[perm]), known & known[perm]
             if cfg.train.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast_for(self.device, cfg.train.amp):
                 logits = self.model(x)
-            loss = F.cross_entropy(logits.float(), y, weight=self.loss_weights, label_smoothing=cfg.train.label_smoothing)
+            loss = self.loss(logits, y)
+            if perm is not None:
+                loss = lam * loss + (1.0 - lam) * self.loss(logits, y[perm])
+            if self.lesion_head is not None:
+                loss = loss + cfg.train.lesion_loss_weight * self.lesion_head.loss(masks, known)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -243,6 +274,10 @@ class FoldTrainer:
             total += float(loss.detach()) * len(idx)
             n += len(idx)
         return total / max(n, 1)
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of ``(B, 3)`` logits against ``(B,)`` labels, class-weighted and smoothed as configured."""
+        return F.cross_entropy(logits.float(), y, weight=self.loss_weights, label_smoothing=self.cfg.train.label_smoothing)
 
     def recalibrate(self) -> None:
         """Re-estimate BatchNorm statistics on the fixed training subset (see module docstring)."""
@@ -303,5 +338,7 @@ class FoldTrainer:
                 postfix["val_auroc"] = f"{val.get('auroc_macro', float('nan')):.3f}"
             bar.set_postfix(postfix)
         bar.close()
+        if self.lesion_head is not None:
+            self.lesion_head.remove()
         self.model.load_state_dict(torch.load(self.fold_dir / "best.pt", map_location=self.device, weights_only=True))
         return {"best_epoch": self.best_epoch, "best_val_auroc": self.best_score, "epochs_run": self.epoch, "history": self.history}

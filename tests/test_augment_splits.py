@@ -30,6 +30,38 @@ def test_flip_only_mirrors_left_right():
     assert float(out[0, 0, 2, 6]) == pytest.approx(1.0) and float(out.sum()) == pytest.approx(1.0)
 
 
+def test_masks_move_with_the_images_and_change_no_random_draw():
+    x = torch.zeros(4, 1, 32, 32)
+    x[:, 0, 8:14, 20:26] = 1.0  # a bright square, and its mask
+    masks = (x > 0.5).to(torch.uint8)
+    cfg = AugmentConfig(rotate_deg=30, zoom=0.2, translate=0.1, intensity_shift=0, intensity_scale=0, noise_std=0, prob=1.0)
+    alone = augment_batch(x, cfg, torch.Generator().manual_seed(3))
+    images, moved = augment_batch(x, cfg, torch.Generator().manual_seed(3), masks=masks)
+    assert torch.equal(images, alone)  # the masks ride along: same draws, same images
+    assert moved.shape == (4, 1, 32, 32) and not torch.equal(moved, masks.float())
+    torch.testing.assert_close(moved, images, atol=1e-5, rtol=0)  # the mask is where the square went
+
+
+def test_translate_shifts_by_the_configured_fraction():
+    x = torch.zeros(64, 1, 32, 32)
+    x[:, 0, 16, 16] = 1.0
+    cfg = AugmentConfig(flip_prob=0, rotate_deg=0, zoom=0, translate=0.25, intensity_shift=0, intensity_scale=0,
+                        noise_std=0, prob=1.0)
+    out = augment_batch(x, cfg, torch.Generator().manual_seed(0))
+    cols = (out[:, 0].sum(1) * torch.arange(32)).sum(1) / out[:, 0].sum((1, 2)).clamp(min=1e-6)
+    assert float((cols - 16).abs().max()) <= 0.25 * 32 + 1 and float((cols - 16).abs().max()) > 4
+
+
+def test_mixup_blends_two_batches_with_a_beta_weight():
+    from lung_effnet.augment import beta_sample, mixup
+
+    x = torch.rand(8, 1, 4, 4)
+    mixed, perm, lam = mixup(x, 0.4, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(mixed, lam * x + (1 - lam) * x[perm])
+    draws = np.array([beta_sample(0.4, torch.Generator().manual_seed(i)) for i in range(2000)])
+    assert abs(draws.mean() - 0.5) < 0.03 and abs(draws.var() - 0.4 ** 2 / (0.8 ** 2 * 1.8)) < 0.02  # Beta(0.4, 0.4)
+
+
 def _toy(n_patients=30, per_patient=4, seed=0):
     rng = np.random.default_rng(seed)
     patient_label = rng.integers(0, 3, n_patients)

@@ -19,7 +19,7 @@ from lung_effnet.cv import RunExistsError, run_cv
 from lung_effnet.data.synthetic_dataset import write_synthetic_dataset
 from lung_effnet.tracking import TrackingError
 
-TINY = ["data.image_size=32", "train.epochs=2", "train.batch_size=8", "cv.folds=3", "train.val_fraction=0.0",
+TINY = ["data.image_size=32", "data.context_slices=0", "train.epochs=2", "train.batch_size=8", "cv.folds=3", "train.val_fraction=0.0",
         "data.slices=all", "tracking.experiment=tiny"]
 
 

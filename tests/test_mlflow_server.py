@@ -59,7 +59,7 @@ def test_training_tracks_to_a_real_server_and_the_model_loads_back(mlflow_server
 
     monkeypatch.setenv("LUNG_EFFNET_CACHE_DIR", str(tmp_path / "cache"))
     data = write_synthetic_dataset(tmp_path / "data", "nifti", n_patients=6, seed=2, size_px=40, n_slices=3, progress=False)
-    cfg = load_config(None, ["data.image_size=32", "train.epochs=1", "train.batch_size=8", "cv.folds=2",
+    cfg = load_config(None, ["data.image_size=32", "data.context_slices=0", "train.epochs=1", "train.batch_size=8", "cv.folds=2",
                              "train.val_fraction=0.0", "data.slices=all", "tracking.experiment=server-test",
                              "tracking.register_model=lung-effnet-test", "tracking.alias=champion"])
     summary = run_cv(data, tmp_path / "run", cfg, labels_csv=data / "labels.csv", tracking_uri=mlflow_server, progress=False)

@@ -35,7 +35,7 @@ CANARIES = {
     "InstitutionName": "Canary Scoring Hospital Qx",
 }
 OUTPUTS = ("predictions.csv", "slice_scores.csv", "files.csv", "errors.csv")
-MODEL_SETTINGS = ["data.image_size=32", "model.zero_init_head=false"]
+MODEL_SETTINGS = ["data.image_size=32", "data.context_slices=0", "model.zero_init_head=false"]
 
 
 def _read(path):

@@ -29,7 +29,7 @@ def test_recalibration_batches_never_hold_a_single_row(n, size, expected):
 
 def test_running_statistics_become_the_average_of_the_batch_statistics():
     torch.manual_seed(0)
-    cfg = load_config(None, ["data.image_size=32", "model.drop_connect=0.2"])
+    cfg = load_config(None, ["data.image_size=32", "data.context_slices=0", "model.drop_connect=0.2"])
     model = build_member(cfg).train()
     for norm in model.modules():
         if isinstance(norm, torch.nn.BatchNorm2d):
@@ -79,3 +79,35 @@ def test_a_short_from_scratch_run_evaluates_what_it_learned(tmp_path):
     trainer = FoldTrainer(build_member(cfg), FoldData(train_x, train_y, test_x, test_y), cfg, tmp_path / "fold", seed=0)
     result = trainer.fit(progress=False)
     assert result["history"][-1]["val_auroc_macro"] > 0.9, result["history"]
+
+
+def test_lesion_loss_trains_a_head_on_known_masks_only_and_leaves_the_model_clean(tmp_path):
+    """The auxiliary head learns where the lesions are (its loss falls), rows without a known mask
+    add nothing, and the model that is kept has no hook or head left on it."""
+    from lung_effnet.lesion_loss import LesionHead
+
+    rng = np.random.default_rng(0)
+    x, y = disks(48, 64, rng)
+    masks = (x > 0.6).to(torch.uint8)
+    known = torch.ones(len(y), dtype=torch.bool)
+    known[::2] = False
+    cfg = load_config("demo_cpu", ["data.image_size=64", "train.epochs=2", "train.batch_size=8"])
+    torch.manual_seed(0)
+    model = build_member(cfg)
+    trainer = FoldTrainer(model, FoldData(x, y, x[:0], y[:0], masks, known), cfg, tmp_path / "fold", seed=0)
+    head = trainer.lesion_head
+    assert isinstance(head, LesionHead)
+    model(x[:4].float())
+    assert float(head.loss(masks[:4].float(), torch.zeros(4, dtype=torch.bool))) == 0.0
+    before = float(head.loss(masks[:4].float(), torch.ones(4, dtype=torch.bool)).detach())
+    trainer.fit(progress=False)
+    assert not model._blocks[3]._forward_hooks  # removed: the saved model is the plain network
+    probe = LesionHead(model)
+    probe.conv.load_state_dict(head.conv.state_dict())
+    with torch.no_grad():
+        model.eval()
+        model(x[:4].float())
+    assert float(probe.loss(masks[:4].float(), torch.ones(4, dtype=torch.bool))) < before
+    probe.remove()
+    off = FoldTrainer(build_member(cfg), FoldData(x, y, x[:0], y[:0]), cfg, tmp_path / "off", seed=0)
+    assert off.lesion_head is None  # no masks: nothing added

@@ -30,7 +30,7 @@ from .volume_preprocess import context_planes
 
 CACHE_VERSION = 1
 """Bump when preprocessing changes meaning: old entries are then never read."""
-PREPROCESS_KEYS = ("image_size", "window_center", "window_width", "spacing_mm", "context_slices", "crop_to_body")
+PREPROCESS_KEYS = ("image_size", "window_center", "window_width", "spacing_mm", "context_slices", "crop")
 
 
 @dataclass
@@ -40,6 +40,8 @@ class SampleSet:
     Attributes:
         images: ``(N, C, S, S)`` float16 in [0, 1].
         masks: ``(N, 1, S, S)`` uint8 lesion masks (all zero where none is known).
+        mask_known: ``(N,)`` bool, rows with a lesion mask (``mask_path``); an empty known mask
+            means "no lesion on this slice", an unknown one means nothing.
         labels: ``(N,)`` int64 indices into ``CLASSES``.
         groups: ``(N,)`` patient pseudonyms; rows without a patient id get a unique ``row-<i>``.
         rows: the manifest rows, in the same order.
@@ -55,6 +57,7 @@ class SampleSet:
     rows: list[dict]
     digests: np.ndarray
     has_patient_ids: bool
+    mask_known: np.ndarray | None = None
     cache_hits: int = 0
 
     def __len__(self) -> int:
@@ -212,4 +215,5 @@ def build_sample_set(rows: list[dict], cfg: DataConfig, cache_dir: str | Path, p
     return SampleSet(
         images=torch.from_numpy(stacked), masks=torch.from_numpy(np.stack(masks)), labels=labels, groups=groups,
         rows=selected, digests=digests, has_patient_ids=has_ids, cache_hits=hits,
+        mask_known=np.array([bool(r.get("mask_path")) for r in selected]),
     )

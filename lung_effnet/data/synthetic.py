@@ -19,10 +19,21 @@ z superior). Everything is built in millimetres, so the anatomy is the same at a
 
 Lesions (the only thing that depends on the label; see :func:`make_phantom`):
 
-- ``benign``: 1-2 small (4-10 mm) smooth round nodules, about a third calcified (+200..+600 HU);
-- ``malignant``: one 10-30 mm lobulated and/or spiculated solid nodule (spicules are thin radial
+- ``benign``: 1-2 small (5-12 mm) smooth round nodules, about a third calcified (+200..+600 HU);
+- ``malignant``: one 15-30 mm lobulated and/or spiculated solid nodule (spicules are thin radial
   strands) with a ground-glass rim (-500..-300 HU);
 - ``normal``: none.
+
+Sizes follow the clinical literature rather than what a small matrix can show: the probability
+that a screening-detected nodule is cancer rises steeply with its diameter, and smooth, small,
+calcified nodules are mostly benign while spiculation and size point to cancer (McWilliams et al.,
+"Probability of cancer in pulmonary nodules detected on first screening CT", N Engl J Med
+369:910-919, 2013, the Brock model); 30 mm is where a "nodule" becomes a "mass" and nodules under
+6 mm carry under 1% risk (MacMahon et al., Fleischner Society guidelines, Radiology 284:228-243,
+2017). The ranges here (benign 5-12 mm, malignant 15-30 mm) are this generator's choice within
+those facts: size is a strong cue but not a separable one in real data, and a model trained here
+learns an easier task than real nodule classification. Draw phantoms at a clinical matrix (512 px
+over 350 mm, 0.68 mm a pixel) and let the preprocessing shrink them, as it does real CT.
 
 Every patient-level quantity (body size, noise, vessel trees, slice position, ...) is drawn from
 generators split off ``rng`` *before* and independently of the label, so a class cannot be told
@@ -715,7 +726,7 @@ def _draw_benign(rng) -> _LesionDraw:
     calcified = rng.random() < 1 / 3
     axes = rng.uniform(0.9, 1.1, 3)
     return _LesionDraw(
-        kind="calcified" if calcified else "solid", radius=rng.uniform(4, 10) / 2, min_radius=2.0, max_radius=5.0,
+        kind="calcified" if calcified else "solid", radius=rng.uniform(5, 12) / 2, min_radius=2.5, max_radius=6.0,
         core_hu=rng.uniform(200, 600) if calcified else rng.uniform(20, 60), axes=axes / axes.mean())
 
 
@@ -724,14 +735,14 @@ def _draw_malignant(rng) -> _LesionDraw:
     n_bumps = int(rng.integers(4, 9))
     amp = rng.uniform(-0.25, 0.3 if spiculated else 0.5, n_bumps)
     bumps = np.column_stack([_unit_vectors(rng, n_bumps), amp, rng.uniform(4, 14, n_bumps)])
-    radius = rng.uniform(10, 30) / 2
+    radius = rng.uniform(15, 30) / 2
     n_spic = int(rng.integers(12, 29)) if spiculated else int(rng.integers(0, 6))
     dirs = _unit_vectors(rng, n_spic) * [0.35, 1.0, 1.0]  # strands mostly near the axial plane
     dirs /= np.linalg.norm(dirs, axis=1, keepdims=True) + 1e-12
     spicules = np.column_stack([dirs, radius * rng.uniform(0.5, 1.3, n_spic) + 2.0,
                                 rng.uniform(0.8, 1.8, n_spic)])
     waves = np.column_stack([rng.uniform(-3, 3, (2, 3)) * [[1], [2]], rng.uniform(0, 2 * np.pi, 2)])
-    return _LesionDraw(kind="spiculated" if spiculated else "lobulated", radius=radius, min_radius=5.0, max_radius=15.0,
+    return _LesionDraw(kind="spiculated" if spiculated else "lobulated", radius=radius, min_radius=7.5, max_radius=15.0,
                        core_hu=rng.uniform(20, 50), rim_hu=rng.uniform(-500, -300),
                        rim_mm=rng.uniform(1.5, 4.5), bumps=bumps, spicules=spicules, rim_wave=waves,
                        texture_seed=int(rng.integers(2**31)))

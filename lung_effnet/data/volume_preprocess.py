@@ -10,9 +10,12 @@ would pay them at start.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from ..config import DataConfig
 from .samples import GRAY, HU
@@ -23,6 +26,15 @@ BODY_GRAY = 0.2
 """For already windowed images: the fraction of full scale above which a pixel is body."""
 BODY_MARGIN = 2
 """Pixels kept around the body's bounding box."""
+LUNG_HU = -400.0
+"""Aerated lung (about -850 HU, -500 where dense) lies below this; soft tissue, vessels and nodules above."""
+LUNG_MIN_AREA = 0.01
+"""A dark region enclosed by the body counts as lung when it covers at least this fraction of the
+plane: each lung covers 5-15% of an axial chest slice through the lungs, the trachea and main bronchi
+(about 2 cm across, 0.3% of a 35 cm field) and bowel gas less."""
+LUNG_MARGIN = 0.06
+"""Kept around the lungs' bounding box, as a fraction of its longer side: the pleura and a
+juxtapleural lesion's outer edge (a solid mass is not dark, so it can stick out of the dark region)."""
 VOLUME_CHUNK = 32
 """Slices resampled and windowed together by ``preprocess_volume``: bounds its extra memory."""
 
@@ -44,6 +56,73 @@ def body_threshold(cfg: DataConfig, unit: str) -> float:
     return float(np.clip((BODY_HU - low) / cfg.window_width, 0.0, 1.0))
 
 
+def lung_threshold(cfg: DataConfig, unit: str) -> float | None:
+    """The lung threshold on the [0, 1] scale of the window (HU); ``None`` for grey images, whose
+    baked-in window is unknown: each plane then gets its own Otsu threshold (``otsu_threshold``)."""
+    if unit == GRAY:
+        return None
+    low = cfg.window_center - cfg.window_width / 2
+    return float(np.clip((LUNG_HU - low) / cfg.window_width, 0.0, 1.0))
+
+
+def otsu_threshold(plane: np.ndarray, bins: int = 64) -> float:
+    """Otsu's threshold of an ``(H, W)`` plane in [0, 1]: the grey level that best splits it into a
+    dark class (air, lungs) and a bright one (soft tissue, bone), whatever window made the image."""
+    counts, edges = np.histogram(plane, bins=bins, range=(0.0, 1.0))
+    centres = (edges[:-1] + edges[1:]) / 2
+    weight_dark = np.cumsum(counts)
+    weight_bright = weight_dark[-1] - weight_dark
+    sum_dark = np.cumsum(counts * centres)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean_dark = sum_dark / weight_dark
+        mean_bright = (sum_dark[-1] - sum_dark) / weight_bright
+        between = weight_dark * weight_bright * (mean_dark - mean_bright) ** 2
+    return float(edges[int(np.nanargmax(np.nan_to_num(between[:-1], nan=-1.0))) + 1])
+
+
+def plane_lung_box(plane: np.ndarray, threshold: float | None) -> tuple[int, int, int, int] | None:
+    """The lungs' bounding box in one ``(H, W)`` float32 plane in [0, 1]: ``(top, bottom, left,
+    right)`` (end-exclusive, ``LUNG_MARGIN`` added, clipped to the plane), or ``None`` when the plane
+    shows no lungs (above the apices, below the bases, a blank or non-chest image).
+
+    Lungs are the dark connected regions (below ``threshold``, or the plane's Otsu threshold when it
+    is ``None``) that do not touch the plane's edge (the air around the body does, through the
+    padding outside the reconstruction circle) and cover at least ``LUNG_MIN_AREA`` of the plane.
+    """
+    dark = plane < (otsu_threshold(plane) if threshold is None else threshold)
+    labels, n = ndimage.label(dark)
+    if n == 0:
+        return None
+    area = np.bincount(labels.ravel(), minlength=n + 1)
+    keep = area >= LUNG_MIN_AREA * plane.size
+    keep[0] = False
+    keep[np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))] = False
+    if not keep.any():
+        return None
+    lungs = keep[labels]
+    rows, cols = np.flatnonzero(lungs.any(1)), np.flatnonzero(lungs.any(0))
+    margin = max(2, int(LUNG_MARGIN * max(rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1)))
+    h, w = plane.shape
+    return (max(int(rows[0]) - margin, 0), min(int(rows[-1]) + margin + 1, h),
+            max(int(cols[0]) - margin, 0), min(int(cols[-1]) + margin + 1, w))
+
+
+def hull(boxes) -> tuple[int, int, int, int] | None:
+    """The smallest box holding every box that is not ``None`` (``None`` when none is): a 2.5D
+    sample is cropped to the lungs of all its planes."""
+    boxes = [b for b in boxes if b is not None]
+    if not boxes:
+        return None
+    return (min(b[0] for b in boxes), max(b[1] for b in boxes), min(b[2] for b in boxes), max(b[3] for b in boxes))
+
+
+def warn_no_lungs() -> None:
+    """Shown once per process (Python's default warning filter): a slice without lungs is cropped
+    to the body instead. Expected above the apices and below the bases; on every slice it means the
+    images are not chest CT in a lung-compatible window (set ``data.crop: body``)."""
+    warnings.warn("lung crop: no lung field found in a slice; cropped to the body instead", stacklevel=2)
+
+
 def context_planes(hu: np.ndarray, k: int, context: int) -> np.ndarray:
     """The ``(2 * context + 1, H, W)`` planes of slice ``k`` of a ``(Z, H, W)`` volume: its
     neighbours ``k - context .. k + context``, the edge slice repeated beyond the ends (2.5D input;
@@ -61,8 +140,8 @@ def preprocess_volume(volume: np.ndarray, unit: str, cfg: DataConfig,
     slice on one core, 96 px out): the per-slice chain pays MONAI's MetaTensor bookkeeping on
     every slice, most of it in steps that do not depend on the slice. Here resampling and
     windowing run once per chunk of slices (they act on each plane alone, so a chunk gives the
-    same numbers as one plane at a time), and only the per-slice steps (body crop, square pad,
-    area resize) run per slice, in plain torch with MONAI's arithmetic.
+    same numbers as one plane at a time), and only the per-slice steps (lung or body crop,
+    square pad, area resize) run per slice; each plane's lungs are found once per chunk, in plain torch with MONAI's arithmetic.
 
     Args:
         volume: ``(Z, H, W)``, HU or grey 0..255 (a grey "volume" is one image: ``Z = 1``; 16-bit
@@ -77,7 +156,7 @@ def preprocess_volume(volume: np.ndarray, unit: str, cfg: DataConfig,
     scale = 257.0 if unit == GRAY and np.max(volume, initial=0) > 255 else None
     context, size, z = cfg.context_slices, cfg.image_size, len(volume)
     out = np.empty((z, 2 * context + 1, size, size), np.float16)
-    threshold = body_threshold(cfg, unit) if cfg.crop_to_body else None
+    threshold = body_threshold(cfg, unit) if cfg.crop != "none" else None
     for first in range(0, z, VOLUME_CHUNK):
         last = min(first + VOLUME_CHUNK, z)
         low = max(first - context, 0)  # the chunk's slices and the neighbours they take as context
@@ -86,9 +165,15 @@ def preprocess_volume(volume: np.ndarray, unit: str, cfg: DataConfig,
         if threshold is not None:  # body rows and columns of each plane, (n, H) and (n, W)
             body = block > threshold
             rows, cols = body.any(2), body.any(1)
+        if cfg.crop == "lung":  # each plane's lungs once, though up to 3 samples use it
+            lung_boxes = [plane_lung_box(plane, lung_threshold(cfg, unit)) for plane in block.numpy()]
         for k in range(first, last):
             index = torch.from_numpy(context_planes(np.arange(len(block)), k - low, context))
-            box = _body_box(rows[index].any(0), cols[index].any(0)) if threshold is not None else None
+            box = hull(lung_boxes[i] for i in index.tolist()) if cfg.crop == "lung" else None
+            if box is None and threshold is not None:
+                if cfg.crop == "lung":
+                    warn_no_lungs()
+                box = _body_box(rows[index].any(0), cols[index].any(0))
             out[k] = _crop_pad_resize(block, index, box, size).numpy()
     return out
 

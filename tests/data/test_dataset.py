@@ -13,7 +13,7 @@ from lung_effnet.data.transforms import preprocess_sample
 
 
 def test_hu_are_windowed_and_grey_images_only_rescaled():
-    cfg = DataConfig(image_size=16, crop_to_body=False)
+    cfg = DataConfig(image_size=16, crop="none")
     hu = np.array([[-1350.0, -600.0], [150.0, 1000.0]], np.float32)[None]
     image, _ = preprocess_sample(np.kron(hu, np.ones((8, 8), np.float32)), "HU", cfg)
     corners = image[0, ::8, ::8].numpy()

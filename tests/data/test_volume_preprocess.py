@@ -32,11 +32,11 @@ def _per_slice(hu, unit, cfg, spacing):
 
 @pytest.mark.parametrize("image_size", [48, 80, 112])
 @pytest.mark.parametrize("context_slices", [0, 1])
-@pytest.mark.parametrize("crop_to_body", [True, False])
+@pytest.mark.parametrize("crop", ["lung", "body", "none"])
 @pytest.mark.parametrize("spacing_mm", [None, 1.7])
-def test_volume_path_equals_the_per_slice_chain(volume, image_size, context_slices, crop_to_body, spacing_mm):
+def test_volume_path_equals_the_per_slice_chain(volume, image_size, context_slices, crop, spacing_mm):
     hu, spacing = volume
-    cfg = DataConfig(image_size=image_size, context_slices=context_slices, crop_to_body=crop_to_body,
+    cfg = DataConfig(image_size=image_size, context_slices=context_slices, crop=crop,
                      spacing_mm=spacing_mm, window_center=-550.0, window_width=1400.0)
     fast = preprocess_volume(hu, "HU", cfg, spacing)
     assert fast.shape == (len(hu), 2 * context_slices + 1, image_size, image_size) and fast.dtype == np.float16
