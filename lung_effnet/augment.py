@@ -69,13 +69,15 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator,
     images = work.clamp_(0.0, 1.0).to(x.dtype)
     return images if masks is None else (images, moved_masks)
 
+
 def mixup(x: torch.Tensor, alpha: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Mixup (Zhang et al., ICLR 2018): ``lam * x + (1 - lam) * x[perm]``, one ``lam ~ Beta(alpha, alpha)``
     per batch drawn from ``gen`` (so a resumed run draws the same).
 
-    Why here: with a few dozen patients a network can fit the training slices by recognising each
-    patient's anatomy, which tells nothing about a new patient; a blend of two patients' slices has
-    no single anatomy to recognise, while a lesion in either stays visible.
+    Why offered: with a few dozen patients a network can fit the training slices by recognising
+    each patient's anatomy, which tells nothing about a new patient; a blend of two patients' slices
+    has no single anatomy to recognise, while a lesion in either stays visible. On the demo's 60
+    phantom patients from scratch it did not help (benchmarks/RESULTS.md); off by default.
 
     Args:
         x: ``(B, C, H, W)`` float.

@@ -61,16 +61,19 @@ def oof_inputs(run: TrainedRun, indices: Sequence[int]) -> tuple[np.ndarray, np.
 
 
 def explain_oof(run: TrainedRun, indices: Sequence[int], images: np.ndarray, method: str = "gradcam",
-                target_layer: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Maps ``(n, S, S)`` of OOF rows, each by its own fold's model for its recorded predicted
-    class, and that model's probabilities ``(n, 3)`` on the re-created inputs (to check them)."""
+                target_layer: str | None = None, classes: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Maps ``(n, S, S)`` of OOF rows, each by its own fold's model for ``classes`` (default: its
+    recorded predicted class), and that model's probabilities ``(n, 3)`` on the re-created inputs
+    (to check them)."""
     import torch
 
     from .explain import grad_cam, members_of
 
     members = members_of(run.predictor.model)
     folds = np.array([int(run.oof[i]["fold"]) for i in indices], dtype=np.int64)
-    classes = run.probabilities()[list(indices)].argmax(1) if len(indices) else np.zeros(0, np.int64)
+    if classes is None:
+        classes = run.probabilities()[list(indices)].argmax(1) if len(indices) else np.zeros(0, np.int64)
+    classes = np.asarray(classes, dtype=np.int64)
     maps = np.zeros((len(indices), *images.shape[2:]), np.float32)
     probs = np.zeros((len(indices), len(CLASSES)))
     for k in np.unique(folds):
@@ -106,8 +109,9 @@ def _fold_randomization(run: TrainedRun, indices: list[int], images: np.ndarray,
 def faithfulness_checks(run: TrainedRun, method: str = "gradcam", target_layer: str | None = None,
                         max_cases: int = 200, n_randomization: int = 16, seed: int = 0) -> dict:
     """The checks every report carries, over up to ``max_cases`` OOF cases (a seeded sample):
-    localization per true class on those with a lesion mask, the randomization test on
-    ``n_randomization`` of them, and how exactly the recorded OOF probabilities were reproduced."""
+    localization per true class on those with a lesion mask (maps for the true class, as the
+    pointing game is defined: Zhang et al. 2016), the randomization test on ``n_randomization`` of
+    them, and how exactly the recorded OOF probabilities were reproduced."""
     from .saliency_checks import POINTING_MARGIN, localization, margin_px, randomization_summary
 
     rng = np.random.default_rng(seed)
@@ -116,8 +120,8 @@ def faithfulness_checks(run: TrainedRun, method: str = "gradcam", target_layer: 
     pool = with_mask or list(range(len(run.oof)))
     sample = sorted(rng.choice(pool, size=min(max_cases, len(pool)), replace=False).tolist()) if pool else []
     images, masks = oof_inputs(run, sample)
-    maps, probs = explain_oof(run, sample, images, method, target_layer)
     labels = [CLASSES.index(run.oof[i]["label"]) for i in sample]
+    maps, probs = explain_oof(run, sample, images, method, target_layer, classes=labels)
     rand_idx = sorted(rng.choice(len(sample), size=min(n_randomization, len(sample)), replace=False).tolist()) if sample else []
     rhos = _fold_randomization(run, [sample[j] for j in rand_idx], images[rand_idx], method, target_layer, seed) if rand_idx else []
     size = images.shape[-1] if len(images) else run.config.data.image_size

@@ -123,7 +123,7 @@ def checks_html(checks: dict) -> str:
         rows = "".join(f"<tr><td>{c}</td><td>{v['n']}</td><td>{_fmt(v['pointing_hit_rate'])}</td><td>{_fmt(v['pointing_chance'])}</td>"
                        f"<td>{_fmt(v['energy_in_lesion'])}</td><td>{_fmt(v['lesion_area'])}</td></tr>" for c, v in loc.items())
         parts.append(
-            "<h3>Localization on lesion masks, per true class</h3><p class='note'>Pointing game: the map's maximum lies "
+            "<h3>Localization on lesion masks, per true class</h3><p class='note'>Maps for the true class. Pointing game: the map's maximum lies "
             f"in the lesion or within {_fmt(checks.get('pointing_margin_px', math.nan))} px of it (Zhang et al. 2016). Energy: "
             "share of the map inside the lesion. Each beside its chance level: a random point, a uniform map.</p>"
             "<table><tr><th>class</th><th>cases</th><th>pointing hit rate</th><th>chance</th><th>energy in lesion</th>"

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 
 from . import CLASSES
 from .augment import augment_batch, mixup
-from .lesion_loss import LesionHead
 from .config import Config
+from .lesion_loss import LesionHead
 
 log = logging.getLogger(__name__)
 

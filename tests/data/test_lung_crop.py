@@ -80,18 +80,18 @@ def test_no_lungs_falls_back_to_the_body_crop_with_a_warning():
     hu = np.full((1, 60, 60), -1000.0, np.float32)
     hu[0, 10:50, 15:45] = 40.0  # a body without lungs (an abdomen slice)
     with pytest.warns(UserWarning, match="no lung field"):
-        lung, _ = preprocess_sample(hu, "HU", DataConfig(image_size=24, crop="lung"))
-    body, _ = preprocess_sample(hu, "HU", DataConfig(image_size=24, crop="body"))
+        lung, _ = preprocess_sample(hu, "HU", DataConfig(image_size=24, crop="lung", context_slices=0))
+    body, _ = preprocess_sample(hu, "HU", DataConfig(image_size=24, crop="body", context_slices=0))
     assert np.array_equal(lung.numpy(), body.numpy())
     with pytest.warns(UserWarning, match="no lung field"):
-        fast = preprocess_volume(hu, "HU", DataConfig(image_size=24, crop="lung"))
+        fast = preprocess_volume(hu, "HU", DataConfig(image_size=24, crop="lung", context_slices=0))
     assert np.array_equal(fast[0], body.numpy().astype(np.float16))
 
 
 def test_predictor_preprocess_equals_training_and_scoring(phantom):
     """``load_model(...).preprocess`` runs the chain training cached and scoring runs per volume:
     the same float32 tensor, the same float16 values as cached and scored."""
-    cfg = from_dict({"data": {"image_size": 48, "crop": "lung"}})
+    cfg = from_dict({"data": {"image_size": 48, "crop": "lung", "context_slices": 0}})
     predictor = Predictor(__import__("torch").nn.Linear(1, 1), cfg)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every slice of this slab shows lungs: no fallback
