@@ -51,7 +51,7 @@ def test_labels_shuffled_between_patients_stay_near_chance(phantoms, monkeypatch
         rows = list(csv.DictReader(fh))
     labels = [r["label"] for r in rows]
     np.random.default_rng(0).shuffle(labels)  # one label per patient: a permutation across patients
-    shuffled = root / "shuffled.csv"
+    shuffled = data / "labels_shuffled.csv"  # beside labels.csv: its paths are relative to its folder
     with open(shuffled, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()

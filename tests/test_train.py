@@ -73,7 +73,7 @@ def test_a_short_from_scratch_run_evaluates_what_it_learned(tmp_path):
     rng = np.random.default_rng(0)
     train_x, train_y = disks(150, 64, rng)
     test_x, test_y = disks(60, 64, rng)
-    cfg = load_config("demo_cpu", ["data.image_size=64", "train.epochs=3", "train.batch_size=8",
+    cfg = load_config("demo_cpu", ["data.image_size=64", "data.context_slices=0", "train.epochs=3", "train.batch_size=8",
                                    "train.early_stopping_patience=100"])
     torch.manual_seed(0)
     trainer = FoldTrainer(build_member(cfg), FoldData(train_x, train_y, test_x, test_y), cfg, tmp_path / "fold", seed=0)
@@ -91,7 +91,7 @@ def test_lesion_loss_trains_a_head_on_known_masks_only_and_leaves_the_model_clea
     masks = (x > 0.6).to(torch.uint8)
     known = torch.ones(len(y), dtype=torch.bool)
     known[::2] = False
-    cfg = load_config("demo_cpu", ["data.image_size=64", "train.epochs=2", "train.batch_size=8"])
+    cfg = load_config("demo_cpu", ["data.image_size=64", "data.context_slices=0", "train.epochs=2", "train.batch_size=8"])
     torch.manual_seed(0)
     model = build_member(cfg)
     trainer = FoldTrainer(model, FoldData(x, y, x[:0], y[:0], masks, known), cfg, tmp_path / "fold", seed=0)
@@ -107,7 +107,7 @@ def test_lesion_loss_trains_a_head_on_known_masks_only_and_leaves_the_model_clea
     with torch.no_grad():
         model.eval()
         model(x[:4].float())
-    assert float(probe.loss(masks[:4].float(), torch.ones(4, dtype=torch.bool))) < before
+    assert float(probe.loss(masks[:4].float(), torch.ones(4, dtype=torch.bool)).detach()) < before
     probe.remove()
     off = FoldTrainer(build_member(cfg), FoldData(x, y, x[:0], y[:0]), cfg, tmp_path / "off", seed=0)
     assert off.lesion_head is None  # no masks: nothing added

@@ -122,11 +122,11 @@ def test_lesion_morphology_by_class(cohort):
     malignant = [p for p in cohort if p.label == "malignant"]
     for p in benign:
         assert 1 <= len(p.lesions) <= 2
-        assert all(4 <= les.diameter_mm <= 10 and les.kind in ("solid", "calcified") for les in p.lesions)
+        assert all(5 <= les.diameter_mm <= 12 and les.kind in ("solid", "calcified") for les in p.lesions)
         assert all(les.rim_hu is None for les in p.lesions)
     for p in malignant:
         (les,) = p.lesions
-        assert 10 <= les.diameter_mm <= 30 and les.kind in ("lobulated", "spiculated")
+        assert 15 <= les.diameter_mm <= 30 and les.kind in ("lobulated", "spiculated")
         assert -500 <= les.rim_hu <= -300
     volume = {name: np.mean([p.mask.sum() * np.prod(p.spacing) for p in group])
               for name, group in (("benign", benign), ("malignant", malignant))}
@@ -320,7 +320,7 @@ def test_dicom_dataset_layout_labels_masks_and_extras(tmp_path):
         m = np.asarray(mask.dataobj).transpose(2, 1, 0)
         assert m.shape == hu.shape and (m.any() == (row["label"] != "normal"))
         if m.any():  # the mask sits on the lesion: denser than the lung around it
-            assert hu[m > 0].mean() > -450
+            assert hu[m > 0].mean() > -600  # lung is about -850; partial volume dilutes small nodules
 
 
 def test_dataset_is_deterministic_by_seed(tmp_path):
