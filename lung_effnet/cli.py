@@ -53,6 +53,13 @@ def _add_ingest(sub) -> None:
     p.add_argument("--nifti", action="store_true", help="also write each series as nifti/<series>.nii.gz")
 
 
+def _add_overrides_and_tracking(p) -> None:
+    """``--set KEY=VALUE`` (repeatable) and ``--tracking-uri``: shared by the stages that train."""
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.epochs=5 (repeatable)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser(
         "train", parents=[_common()], help="patient-grouped cross-validation, tracked in MLflow",
@@ -64,9 +71,7 @@ def _add_train(sub) -> None:
     p.add_argument("--data", type=Path, required=True, help="folder or manifest CSV (as for ingest)")
     p.add_argument("--labels", type=Path, help="labels CSV for a DICOM/NIfTI tree")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.epochs=5 (repeatable)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
+    _add_overrides_and_tracking(p)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out (same result as uninterrupted)")
 
 
@@ -93,11 +98,9 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder (created; a second run resumes it)")
     p.add_argument("--config", default="demo_cpu", help="YAML config or a name in configs/ (default: demo_cpu): "
                                                         "its data settings must be those train will use")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.epochs=12 (repeatable)")
     p.add_argument("--patients", type=int, default=480, help="synthetic patients (default: 480)")
     p.add_argument("--seed", type=int, default=1000, help="phantom seed (default: 1000; the demo uses 0)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
+    _add_overrides_and_tracking(p)
 
 
 def _add_score(sub) -> None:

@@ -7,9 +7,9 @@ Output: ``image`` ``(C, S, S)`` float32 in [0, 1] and ``mask`` ``(1, S, S)`` uin
 Chain: (volumes) resample in-plane to ``spacing_mm`` -> HU window to [0, 1] (grey images are
 only rescaled: they are windowed already, windowing twice would crush them) -> crop to the lungs'
 bounding box (``crop: lung``; the body's when a slice shows no lungs) or to the body's (``crop:
-body``) -> pad to a square -> resize to S x S. Cropping to the lungs before shrinking is what gives
-a nodule pixels: on a 350 mm field the lungs span about 250 mm, the body 300-330 mm. Random augmentation is not here: it runs on
-whole batches on the training device (``lung_effnet.augment``). Scoring runs the same chain on
+body``) -> pad to a square -> resize to S x S. Cropping to the lungs before shrinking gives a nodule
+more pixels: on 512 px phantom slices the lungs' box spans 244-291 mm, the body's 299-332 mm
+(benchmarks/RESULTS.md). Random augmentation is not here: it runs on whole batches on the training device (``lung_effnet.augment``). Scoring runs the same chain on
 whole volumes with ``volume_preprocess.preprocess_volume`` (same values, tested).
 """
 

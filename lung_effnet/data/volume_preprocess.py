@@ -141,7 +141,8 @@ def preprocess_volume(volume: np.ndarray, unit: str, cfg: DataConfig,
     every slice, most of it in steps that do not depend on the slice. Here resampling and
     windowing run once per chunk of slices (they act on each plane alone, so a chunk gives the
     same numbers as one plane at a time), and only the per-slice steps (lung or body crop,
-    square pad, area resize) run per slice; each plane's lungs are found once per chunk, in plain torch with MONAI's arithmetic.
+    square pad, area resize) run per slice, in plain torch with MONAI's arithmetic; each plane's
+    lungs are found once per chunk, though up to three samples use them.
 
     Args:
         volume: ``(Z, H, W)``, HU or grey 0..255 (a grey "volume" is one image: ``Z = 1``; 16-bit
