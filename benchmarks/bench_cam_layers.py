@@ -21,10 +21,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import easy_phantoms  # noqa: E402
-from lung_effnet.explain import grad_cam, members_of  # noqa: E402
-from lung_effnet.report import oof_inputs  # noqa: E402
-from lung_effnet.trained_run import load_run  # noqa: E402
-from lung_effnet.saliency_checks import localization  # noqa: E402
+
+from lung_effnet.explain.checks import localization  # noqa: E402
+from lung_effnet.explain.gradcam import grad_cam, members_of  # noqa: E402
+from lung_effnet.explain.oof_report import oof_inputs  # noqa: E402
+from lung_effnet.explain.trained_run import load_run  # noqa: E402
 
 if __name__ == "__main__":
     out, overrides = Path(sys.argv[1]), tuple(sys.argv[2:]) + ("report.enabled=false",)

@@ -31,8 +31,8 @@ def pin_to_one_core() -> None:
 
 
 def write_series(out: Path, size: int, n_slices: int, compression: str | None) -> list[Path]:
-    from lung_effnet.data.dicom_writer import write_dicom_series
-    from lung_effnet.data.synthetic import make_phantom
+    from lung_effnet.synthetic.dicom_writer import write_dicom_series
+    from lung_effnet.synthetic.phantom import make_phantom
 
     rng = np.random.default_rng(0)
     phantom = make_phantom("malignant", rng, size_px=size, n_slices=n_slices)
@@ -55,13 +55,13 @@ def plain_pydicom(files: list[Path]) -> None:
     import pydicom
 
     for f in files:
-        pydicom.dcmread(f).pixel_array
+        _ = pydicom.dcmread(f).pixel_array  # decode: the cost being measured
 
 
 def project_reader(folder: Path) -> None:
-    from lung_effnet.data.dicom_index import index_dicom_tree
-    from lung_effnet.data.dicom_series import load_series
-    from lung_effnet.data.ledger import Ledger
+    from lung_effnet.io.dicom_index import index_dicom_tree
+    from lung_effnet.io.dicom_series import load_series
+    from lung_effnet.io.ledger import Ledger
 
     ledger = Ledger()
     series = index_dicom_tree(folder, ledger, progress=False)
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
             files = write_series(folder, args.size, args.slices, None if variant == "none" else variant)
             plain_pydicom(files)  # warm the page cache and the decoders' imports
             project_reader(folder)
-            t_plain, t_project = time_best([lambda: plain_pydicom(files), lambda: project_reader(folder)], args.repeats)
+            t_plain, t_project = time_best([lambda files=files: plain_pydicom(files), lambda folder=folder: project_reader(folder)], args.repeats)
             n = len(files)
             rows.append([variant, n, f"{n / t_plain:.1f}", f"{n / t_project:.1f}", f"{t_plain / t_project:.2f}"])
     from lung_effnet.console import format_table

@@ -40,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def write_archive(root: Path, n_series: int, n_slices: int, size: int) -> list[Path]:
-    from lung_effnet.data.dicom_writer import write_dicom_series
-    from lung_effnet.data.synthetic import make_phantom
+    from lung_effnet.synthetic.dicom_writer import write_dicom_series
+    from lung_effnet.synthetic.phantom import make_phantom
 
     folders = []
     for i in range(n_series):
@@ -57,7 +57,7 @@ def write_model(out: Path, image_size: int, folds: int) -> Path:
     import torch
 
     from lung_effnet.config import load_config
-    from lung_effnet.predictor import build_member, save_model_dir
+    from lung_effnet.models.predictor import build_member, save_model_dir
 
     cfg = load_config(None, [f"data.image_size={image_size}"])
     torch.manual_seed(0)
@@ -66,9 +66,9 @@ def write_model(out: Path, image_size: int, folds: int) -> Path:
 
 def naive(model_dir: Path, folders: list[Path], device: str) -> int:
     import lung_effnet
-    from lung_effnet.data.dicom_index import index_dicom_tree
-    from lung_effnet.data.dicom_series import load_series
-    from lung_effnet.data.ledger import Ledger
+    from lung_effnet.io.dicom_index import index_dicom_tree
+    from lung_effnet.io.dicom_series import load_series
+    from lung_effnet.io.ledger import Ledger
 
     predictor = lung_effnet.load_model(model_dir, device)
     n = 0

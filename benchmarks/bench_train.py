@@ -36,9 +36,9 @@ def sync(device):
 
 def make_data(root: Path, args) -> tuple[list[dict], list[Path], list[int]]:
     """Phantom DICOM archive + labels -> manifest rows (for the cache) and slice files (for c)."""
-    from lung_effnet import CLASSES
-    from lung_effnet.data.ingest import ingest
-    from lung_effnet.data.synthetic_dataset import write_synthetic_dataset
+    from lung_effnet.classes import CLASSES
+    from lung_effnet.ingest.sources import ingest
+    from lung_effnet.synthetic.dataset import write_synthetic_dataset
 
     data = write_synthetic_dataset(root / "dicom", "dicom", n_patients=args.patients, seed=0, size_px=args.size,
                                    n_slices=args.slices, progress=False)
@@ -49,7 +49,7 @@ def make_data(root: Path, args) -> tuple[list[dict], list[Path], list[int]]:
 
 
 def bench_model_alone(cfg, device, args, amp: bool) -> float:
-    from lung_effnet.predictor import build_member
+    from lung_effnet.models.predictor import build_member
 
     model = build_member(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -78,9 +78,9 @@ def bench_model_alone(cfg, device, args, amp: bool) -> float:
 
 
 def bench_project_loop(cfg, rows, device, args, cache_dir: Path) -> float:
-    from lung_effnet.data.dataset import build_sample_set
-    from lung_effnet.predictor import build_member
-    from lung_effnet.train import FoldData, FoldTrainer
+    from lung_effnet.models.predictor import build_member
+    from lung_effnet.preprocess.cache import build_sample_set
+    from lung_effnet.training.fold import FoldData, FoldTrainer
 
     samples = build_sample_set(rows, cfg.data, cache_dir, progress=False)
     # Repeat the cached slices so one epoch is --steps batches (throughput does not depend on N).
@@ -104,8 +104,17 @@ def bench_project_loop(cfg, rows, device, args, cache_dir: Path) -> float:
 def bench_tutorial_loop(files, labels, device, args) -> float:
     from monai.data import DataLoader, Dataset
     from monai.networks.nets import EfficientNetBN
-    from monai.transforms import (Compose, EnsureChannelFirstd, EnsureTyped, LoadImaged, RandFlipd, RandRotated,
-                                  RandZoomd, Resized, ScaleIntensityRanged)
+    from monai.transforms import (
+        Compose,
+        EnsureChannelFirstd,
+        EnsureTyped,
+        LoadImaged,
+        RandFlipd,
+        RandRotated,
+        RandZoomd,
+        Resized,
+        ScaleIntensityRanged,
+    )
 
     transforms = Compose([
         LoadImaged("image", reader="PydicomReader"),

@@ -42,7 +42,7 @@ def main() -> None:
 
     from lung_effnet.config import load_config
     from lung_effnet.console import format_table
-    from lung_effnet.predictor import build_member
+    from lung_effnet.models.predictor import build_member
 
     cfg = load_config(str(ROOT / "configs" / "demo_cpu.yaml"), [f"data.image_size={args.size}"])
     torch.manual_seed(0)

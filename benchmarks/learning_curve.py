@@ -42,7 +42,7 @@ def disk_task(n: int, size: int, rng: np.random.Generator) -> tuple[torch.Tensor
 
 
 def load_images(args, cfg) -> tuple[torch.Tensor, np.ndarray, np.ndarray, torch.Tensor | None, torch.Tensor | None]:
-    """``(images, labels, groups, masks, mask_known)`` of ``--slices`` (several files are stacked, their
+    """``(images, labels, patient_ids, masks, mask_known)`` of ``--slices`` (several files are stacked, their
     patients kept apart; ``--test-slices`` is appended last), resized to ``data.image_size``, optionally
     a subset of ``--patients``; masks when the exports have them. ``--disks``: 240 training images,
     then 120 held out."""
@@ -53,15 +53,15 @@ def load_images(args, cfg) -> tuple[torch.Tensor, np.ndarray, np.ndarray, torch.
         return torch.cat([x_train, x_test]), labels, np.array([f"d{i}" for i in range(len(labels))]), None, None
     parts = [_read_export(path, f"{i}:", cfg) for i, path in enumerate(args.slices)]
     if args.patients:
-        images, labels, groups, masks, known = parts[0]
-        keep = patient_subset(labels, groups, args.patients, cfg.seed)
-        parts[0] = (images[keep], labels[keep], groups[keep], None if masks is None else masks[keep],
+        images, labels, patient_ids, masks, known = parts[0]
+        keep = patient_subset(labels, patient_ids, args.patients, cfg.seed)
+        parts[0] = (images[keep], labels[keep], patient_ids[keep], None if masks is None else masks[keep],
                     None if known is None else known[keep])
     if args.test_slices:
         parts.append(_read_export(args.test_slices, "test:", cfg))
-    images, labels, groups, masks, known = zip(*parts)
+    images, labels, patient_ids, masks, known = zip(*parts)
     with_masks = all(m is not None for m in masks)
-    return (torch.cat(images), np.concatenate(labels), np.concatenate(groups),
+    return (torch.cat(images), np.concatenate(labels), np.concatenate(patient_ids),
             torch.cat(masks) if with_masks else None, torch.cat(known) if with_masks else None)
 
 
@@ -72,48 +72,48 @@ def _read_export(path: str, prefix: str, cfg):
         images = F.interpolate(images.float(), size=(cfg.data.image_size,) * 2, mode="area").half()
         if masks is not None:
             masks = (F.interpolate(masks.float(), size=(cfg.data.image_size,) * 2, mode="area") > 0.5).to(torch.uint8)
-    groups = np.array([prefix + str(g) for g in blob["groups"]])
-    return images, blob["labels"].numpy(), groups, masks, blob.get("mask_known")
+    patient_ids = np.array([prefix + str(g) for g in blob["groups"]])
+    return images, blob["labels"].numpy(), patient_ids, masks, blob.get("mask_known")
 
 
-def patient_subset(labels: np.ndarray, groups: np.ndarray, n: int, seed: int) -> np.ndarray:
+def patient_subset(labels: np.ndarray, patient_ids: np.ndarray, n: int, seed: int) -> np.ndarray:
     """Row indices of ``n`` patients drawn in proportion to each class's patients."""
     rng = np.random.default_rng(seed)
     chosen = []
-    patients = sorted(set(groups))
-    label_of = {g: labels[groups == g][0] for g in patients}
+    patients = sorted(set(patient_ids))
+    label_of = {g: labels[patient_ids == g][0] for g in patients}
     for cls in sorted(set(label_of.values())):
         members = [g for g in patients if label_of[g] == cls]
         take = round(n * len(members) / len(patients))
         chosen += list(rng.choice(members, size=min(take, len(members)), replace=False))
-    return np.flatnonzero(np.isin(groups, chosen))
+    return np.flatnonzero(np.isin(patient_ids, chosen))
 
 
-def split(args, cfg, labels, groups, fold: int) -> tuple[np.ndarray, np.ndarray]:
+def split(args, cfg, labels, patient_ids, fold: int) -> tuple[np.ndarray, np.ndarray]:
     """``(train_idx, test_idx)`` of one fold: a patient-grouped k-fold split, or the disks' fixed one."""
-    from lung_effnet.splits import assign_folds
+    from lung_effnet.training.splits import assign_folds
 
     if args.disks:
         return np.arange(240), np.arange(240, 360)
     if args.test_slices:
-        test = np.char.startswith(groups.astype(str), "test:")
+        test = np.char.startswith(patient_ids.astype(str), "test:")
         return np.flatnonzero(~test), np.flatnonzero(test)
-    fold_of = assign_folds(labels, groups, args.folds, cfg.seed)
+    fold_of = assign_folds(labels, patient_ids, args.folds, cfg.seed)
     return np.flatnonzero(fold_of != fold), np.flatnonzero(fold_of == fold)
 
 
 def run_fold(cfg, images, labels, train_idx, test_idx, seed, running_bn, tmp, masks=None, known=None) -> list[dict]:
     """Train one fold of ``cfg.train.epochs``; after every epoch, the (unaugmented) training
     accuracy and the held-out probabilities ``(len(test_idx), 3)``."""
-    from lung_effnet.model import resolve_weights
-    from lung_effnet.predictor import build_member
-    from lung_effnet.train import FoldData, FoldTrainer, predict_proba
+    from lung_effnet.models.factory import resolve_weights
+    from lung_effnet.models.predictor import build_member
+    from lung_effnet.training.fold import FoldData, FoldTrainer, predict_proba
 
     y = torch.from_numpy(labels)
     torch.manual_seed(seed)
     model = build_member(cfg)
     if cfg.model.pretrained_weights:
-        from lung_effnet.model import load_pretrained
+        from lung_effnet.models.factory import load_pretrained
 
         load_pretrained(model, resolve_weights(cfg.model.pretrained_weights), images.shape[1])
     data = FoldData(images[train_idx], y[train_idx], images[:0], y[:0], None if masks is None else masks[train_idx],
@@ -152,23 +152,23 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("LUNG_EFFNET_HASH_KEY", "benchmark")
     from lung_effnet.config import load_config
-    from lung_effnet.evaluate import classification_metrics
+    from lung_effnet.training.metrics import classification_metrics
 
     extra = ["data.image_size=64"] if args.disks else []
     cfg = load_config(args.config, extra + args.set + ["train.early_stopping_patience=100000", "train.val_fraction=0.0"])
-    images, labels, groups, masks, known = load_images(args, cfg)
+    images, labels, patient_ids, masks, known = load_images(args, cfg)
     cfg.data.context_slices = (images.shape[1] - 1) // 2  # the model takes the export's channels
     folds = [args.fold] if not args.all_folds or args.disks or args.test_slices else range(args.folds)
     start = time.perf_counter()
     curves, held_out = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for k in folds:
-            train_idx, test_idx = split(args, cfg, labels, groups, k)
+            train_idx, test_idx = split(args, cfg, labels, patient_ids, k)
             curves.append(run_fold(cfg, images, labels, train_idx, test_idx, cfg.seed * 1000 + k, args.running_bn, tmp,
                                    masks, known))
             held_out.append(test_idx)
     test_idx = np.concatenate(held_out)
-    print(f"{len(labels)} images of {len(set(groups))} patients, {cfg.data.image_size} px, "
+    print(f"{len(labels)} images of {len(set(patient_ids))} patients, {cfg.data.image_size} px, "
           f"{images.shape[1]} channel(s), lesion loss {'on' if known is not None and cfg.train.lesion_loss_weight > 0 else 'off'}; folds {list(folds)} ({len(test_idx)} held-out images); BatchNorm statistics: "
           f"{'running averages' if args.running_bn else 'recalibrated before each evaluation'}; "
           f"{time.perf_counter() - start:.0f} s")

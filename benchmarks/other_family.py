@@ -2,7 +2,7 @@
 
 Writes IQ-OTH/NCCD-style JPG folders (``Bengin cases/``, ``Malignant cases/``, ``Normal cases/``) of
 512 px slices with a window baked in, plus ``manifest.csv`` (``path,label,patient_id``), from a
-deliberately different, much simpler drawing than ``lung_effnet.data.synthetic``: elliptical body and
+deliberately different, much simpler drawing than ``lung_effnet.synthetic.phantom``: elliptical body and
 lungs with per-patient field of view, blob-and-streak vessels, smooth noise texture, no table, no
 ribs, a grey (not black) background outside the body, and lesions drawn as thresholded smooth noise
 (malignant 18-30 mm with a ground-glass rim, benign 6-11 mm, a third calcified). Nothing here is

@@ -59,15 +59,15 @@ RECIPES = {
 
 def export(data: str, labels: str | None, out: str, size: int, context: int = 0, overrides=()) -> None:
     from lung_effnet.config import load_config
-    from lung_effnet.data.dataset import build_sample_set
-    from lung_effnet.data.ingest import ingest
+    from lung_effnet.ingest.sources import ingest
+    from lung_effnet.preprocess.cache import build_sample_set
 
     cfg = load_config(None, [f"data.image_size={size}", f"data.context_slices={context}", *overrides])
     with tempfile.TemporaryDirectory() as tmp:
         result = ingest(data, Path(tmp) / "ingest", labels_csv=labels, progress=False)
         cache = Path(os.environ.get("LUNG_EFFNET_CACHE_DIR", Path(tmp) / "cache"))
         samples = build_sample_set(result.rows, cfg.data, cache, progress=True)
-    torch.save({"images": samples.images, "labels": torch.from_numpy(samples.labels), "groups": list(samples.groups),
+    torch.save({"images": samples.images, "labels": torch.from_numpy(samples.labels), "groups": list(samples.patient_ids),
                 "size": size, "masks": samples.masks, "mask_known": torch.from_numpy(samples.mask_known)}, out)
     print(f"wrote {len(samples)} slices ({np.bincount(samples.labels, minlength=3).tolist()} per class) to {out}")
 
@@ -76,23 +76,23 @@ def run_recipe(name: str, overrides: list[str], blob: dict, folds: int, device: 
     import torch.nn.functional as F
 
     from lung_effnet.config import load_config
-    from lung_effnet.evaluate import classification_metrics
-    from lung_effnet.predictor import build_member
-    from lung_effnet.splits import assign_folds, inner_validation_split
-    from lung_effnet.train import FoldData, FoldTrainer, predict_proba
+    from lung_effnet.models.predictor import build_member
+    from lung_effnet.training.fold import FoldData, FoldTrainer, predict_proba
+    from lung_effnet.training.metrics import classification_metrics
+    from lung_effnet.training.splits import assign_folds, inner_validation_split
 
     cfg = load_config(None, overrides + [f"train.device={device}", f"seed={seed}"])
     images = blob["images"]
     if cfg.data.image_size != blob["size"]:
         images = F.interpolate(images.float(), size=(cfg.data.image_size,) * 2, mode="area").half()
-    labels, groups = blob["labels"].numpy(), np.array(blob["groups"])
-    fold_of = assign_folds(labels, groups, folds, seed)
+    labels, patient_ids = blob["labels"].numpy(), np.array(blob["groups"])
+    fold_of = assign_folds(labels, patient_ids, folds, seed)
     oof = np.zeros((len(labels), 3))
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for k in range(folds):
             train_idx, test_idx = np.flatnonzero(fold_of != k), np.flatnonzero(fold_of == k)
-            tr, va = inner_validation_split(labels[train_idx], groups[train_idx], cfg.train.val_fraction, seed + k)
+            tr, va = inner_validation_split(labels[train_idx], patient_ids[train_idx], cfg.train.val_fraction, seed + k)
             tr, va = train_idx[tr], train_idx[va]
             y = torch.from_numpy(labels)
             torch.manual_seed(seed * 1000 + k)

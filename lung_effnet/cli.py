@@ -12,7 +12,8 @@ import logging
 import sys
 from pathlib import Path
 
-from . import __version__
+from lung_effnet.errors import LungEffNetError, UsageError
+from lung_effnet.version import __version__
 
 log = logging.getLogger("lung_effnet")
 
@@ -156,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_synth(args) -> int:
-    from .data.synthetic_dataset import write_synthetic_dataset
+    from lung_effnet.synthetic.dataset import write_synthetic_dataset
 
     if args.patients < 1 or args.size < 32 or args.slices < 1:
         raise UsageError("--patients must be >= 1, --size >= 32 and --slices >= 1")
@@ -169,8 +170,8 @@ def cmd_synth(args) -> int:
 
 
 def cmd_ingest(args) -> int:
-    from .data.ingest import ingest
-    from .console import print_ingest_summary
+    from lung_effnet.console import print_ingest_summary
+    from lung_effnet.ingest.sources import ingest
 
     if args.labels is not None and not args.labels.is_file():
         raise UsageError(f"--labels: file not found: {args.labels}")
@@ -180,9 +181,9 @@ def cmd_ingest(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .config import load_config
-    from .console import print_cv_summary
-    from .cv import run_cv
+    from lung_effnet.config import load_config
+    from lung_effnet.console import print_cv_summary
+    from lung_effnet.training.cv import run_cv
 
     if args.labels is not None and not args.labels.is_file():
         raise UsageError(f"--labels: file not found: {args.labels}")
@@ -196,8 +197,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
-    from .config import load_config
-    from .pretrain import run_pretrain
+    from lung_effnet.config import load_config
+    from lung_effnet.training.pretrain import run_pretrain
 
     if args.patients < 6:
         raise UsageError("--patients must be >= 6")
@@ -211,22 +212,15 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from .console import format_table
-    from .scoring import OutputMismatchError, score_archive
+    from lung_effnet.console import format_table
+    from lung_effnet.scoring import score_archive
 
     if args.batch_size < 1 or (args.workers is not None and args.workers < 0):
         raise UsageError("--batch-size must be >= 1 and --workers >= 0")
     if not args.input.exists():
         raise UsageError(f"--input: not found: {args.input}")
-    try:
-        summary = score_archive(args.model, args.input, args.out, batch_size=args.batch_size, device=args.device,
-                                workers=args.workers, saliency=args.saliency, progress=not args.quiet)
-    except (OutputMismatchError, ValueError) as exc:
-        raise UsageError(str(exc).splitlines()[0]) from None
-    except Exception as exc:  # an MLflow URI that does not resolve raises MLflow's own exception types
-        if type(exc).__module__.startswith("mlflow"):
-            raise UsageError(f"--model: {str(exc).splitlines()[0]}") from None
-        raise
+    summary = score_archive(args.model, args.input, args.out, batch_size=args.batch_size, device=args.device,
+                            workers=args.workers, saliency=args.saliency, progress=not args.quiet)
     counts, run = summary["counts"], summary["run"]
     files = counts["files"]
     print()
@@ -244,18 +238,19 @@ def cmd_score(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from pipelines.demo import run_demo
+    from lung_effnet.demo import run_demo
 
     run_demo(args.out, n_patients=args.patients, seed=args.seed, progress=not args.quiet, tracking_uri=args.tracking_uri)
     return 0
 
 
 def cmd_report(args) -> int:
-    from pipelines.saliency_report import run_report
+    from lung_effnet.explain.oof_report import build_oof_report
+    from lung_effnet.explain.trained_run import load_run
 
     if args.top < 1:
         raise UsageError("--top must be >= 1")
-    result = run_report(args.run, args.out, method=args.method, top=args.top, tracking_uri=args.tracking_uri)
+    result = build_oof_report(load_run(args.run, args.tracking_uri), args.out, method=args.method, top=args.top)
     rand = result["checks"]["randomization"]
     if not args.quiet:
         print(f"randomization test: median rho {rand['median_rho']:.3f} ({'passed' if rand['passed'] else 'FAILED'})")
@@ -266,29 +261,17 @@ def cmd_report(args) -> int:
     return 0
 
 
-class UsageError(Exception):
-    """A bad option or input: reported as one line, exit code 2."""
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # its INFO lines (store creation) are noise here
-    from .data.manifest import ManifestError
-
-    from .config import ConfigError
-    from .cv import RunExistsError
-    from .splits import LeakageError, TooFewPatientsError
-    from .tracking import TrackingError
-
     handler = {"synth": cmd_synth, "ingest": cmd_ingest, "train": cmd_train, "pretrain": cmd_pretrain, "score": cmd_score,
                "demo": cmd_demo,
                "report": cmd_report}[args.command]
     try:
         return handler(args)
-    except (UsageError, ManifestError, ConfigError, TrackingError, RunExistsError, LeakageError, TooFewPatientsError,
-            FileNotFoundError, NotADirectoryError) as exc:
-        print(f"lung-effnet {args.command}: error: {exc}", file=sys.stderr)
+    except LungEffNetError as exc:  # bad input, bad config, unreachable service: one line; anything else is a bug
+        print(f"lung-effnet {args.command}: error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
 
 

@@ -15,12 +15,19 @@ from pathlib import Path
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-"""The ``configs/`` folder of the source tree (named configs: ``default``, ``paper_b1``, ``demo_cpu``)."""
+from lung_effnet.errors import ConfigError
+
+CONFIG_PACKAGE = "lung_effnet.configs"
+"""The named configs (``default``, ``paper_b1``, ``demo_cpu``): the top-level ``configs/`` folder, installed
+with the package under this name (``pyproject.toml``), so a name resolves from a wheel as from a checkout."""
 
 
-class ConfigError(ValueError):
-    """A config that cannot be used; the message names the key."""
+def named_config(name: str) -> Path:
+    """The file of the named config ``name`` (``demo_cpu`` -> ``.../configs/demo_cpu.yaml``); it may not exist."""
+    from importlib.resources import files
+
+    return Path(str(files(CONFIG_PACKAGE) / f"{name}.yaml"))
+
 
 
 @dataclass
@@ -77,7 +84,7 @@ class TrainConfig:
     early_stopping_patience: int = 10      # epochs without a better validation macro AUROC
     class_balance: str = "sampler"         # "sampler" (balanced batches), "weights" (weighted loss) or "none"
     label_smoothing: float = 0.0
-    lesion_loss_weight: float = 1.0        # auxiliary loss on rows with a known lesion mask (lung_effnet.lesion_loss); 0: off
+    lesion_loss_weight: float = 1.0        # auxiliary loss on rows with a known lesion mask (lung_effnet.training.lesion_loss); 0: off
     bn_recalibration_images: int = 4096    # before each evaluation, re-estimate BatchNorm statistics on up to this many training images; 0: running averages
     val_fraction: float = 0.1              # of each fold's training patients, for early stopping
     amp: bool = True                       # bf16 autocast on CUDA; CPU always runs fp32
@@ -102,7 +109,7 @@ class TrackingConfig:
 
 @dataclass
 class ReportConfig:
-    """The saliency report written after ``train`` (``lung_effnet.report``)."""
+    """The saliency report written after ``train`` (``lung_effnet.explain.oof_report``)."""
 
     enabled: bool = True                   # Grad-CAM report over out-of-fold cases, into <out>/saliency and MLflow
     top: int = 2                           # most confident right and wrong cases shown per true class
@@ -134,22 +141,117 @@ class Config:
         return out
 
 
-CHOICES = {
-    "data.slices": ("lesion", "all"),
-    "data.context_slices": (0, 1),
-    "data.crop": ("lung", "body", "none"),
-    "train.optimizer": ("adam", "adamw"),
-    "train.scheduler": ("cosine", "plateau", "none"),
-    "train.class_balance": ("sampler", "weights", "none"),
-    "train.device": ("auto", "cpu", "cuda"),
-    "model.name": tuple(f"efficientnet-b{i}" for i in range(8)),
-    "model.pooling": ("avg", "max"),
-    "report.method": ("gradcam", "gradcampp"),
+@dataclass(frozen=True)
+class Range:
+    """Numbers from ``lo`` to ``hi`` (``None``: unbounded); ``open_lo`` / ``open_hi`` exclude the ends."""
+
+    lo: float | None = None
+    hi: float | None = None
+    open_lo: bool = False
+    open_hi: bool = False
+
+    def __str__(self) -> str:
+        lo = "-inf" if self.lo is None else f"{self.lo:g}"
+        hi = "inf" if self.hi is None else f"{self.hi:g}"
+        return f"{'(' if self.open_lo or self.lo is None else '['}{lo}, {hi}{')' if self.open_hi or self.hi is None else ']'}"
+
+    def admits(self, value: object) -> bool:
+        if not isinstance(value, (int, float)) or value != value:  # the types are checked first; NaN is out
+            return False
+        above = self.lo is None or (value > self.lo if self.open_lo else value >= self.lo)
+        below = self.hi is None or (value < self.hi if self.open_hi else value <= self.hi)
+        return above and below
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """One of a fixed set of values."""
+
+    values: tuple
+
+    def __str__(self) -> str:
+        return "one of " + ", ".join(map(str, self.values))
+
+    def admits(self, value: object) -> bool:
+        return value in self.values
+
+
+@dataclass(frozen=True)
+class Text:
+    """Free text (a path, a URI, a name); ``nonempty``: not blank."""
+
+    nonempty: bool = False
+
+    def __str__(self) -> str:
+        return "non-empty text" if self.nonempty else "text"
+
+    def admits(self, value: object) -> bool:
+        return not self.nonempty or bool(str(value).strip())
+
+
+ANY_BOOL = OneOf((True, False))
+UNIT = Range(0, 1)                       # probabilities
+FRACTION = Range(0, 1, open_hi=True)     # shares of something that must leave a remainder
+NON_NEGATIVE = Range(0)
+HU = Range(-1100, 4000)                  # the range a CT scanner stores (air -1000 .. dense bone and metal)
+
+RULES: dict[str, Range | OneOf | Text] = {
+    "seed": NON_NEGATIVE,
+    "data.image_size": Range(16, 2048),
+    "data.window_center": HU,
+    "data.window_width": Range(1, 5000),
+    "data.spacing_mm": Range(0, 20, open_lo=True),
+    "data.slices": OneOf(("lesion", "all")),
+    "data.context_slices": OneOf((0, 1)),
+    "data.crop": OneOf(("lung", "body", "none")),
+    "data.cache_dir": Text(nonempty=True),
+    "augment.flip_prob": UNIT,
+    "augment.rotate_deg": Range(0, 180),
+    "augment.zoom": FRACTION,
+    "augment.translate": Range(0, 0.5),
+    "augment.intensity_shift": UNIT,
+    "augment.intensity_scale": FRACTION,
+    "augment.noise_std": UNIT,
+    "augment.prob": UNIT,
+    "augment.mixup_alpha": NON_NEGATIVE,
+    "model.name": OneOf(tuple(f"efficientnet-b{i}" for i in range(8))),
+    "model.pretrained_weights": Text(nonempty=True),
+    "model.dropout": FRACTION,
+    "model.drop_connect": FRACTION,
+    "model.pooling": OneOf(("avg", "max")),
+    "model.bn_momentum": Range(0, 1, open_lo=True, open_hi=True),
+    "model.zero_init_head": ANY_BOOL,
+    "train.epochs": Range(1),
+    "train.batch_size": Range(1),
+    "train.optimizer": OneOf(("adam", "adamw")),
+    "train.lr": Range(0, 1, open_lo=True),
+    "train.weight_decay": NON_NEGATIVE,
+    "train.scheduler": OneOf(("cosine", "plateau", "none")),
+    "train.warmup_epochs": NON_NEGATIVE,
+    "train.plateau_factor": Range(0, 1, open_lo=True, open_hi=True),
+    "train.plateau_patience": NON_NEGATIVE,
+    "train.early_stopping_patience": Range(1),
+    "train.class_balance": OneOf(("sampler", "weights", "none")),
+    "train.label_smoothing": FRACTION,
+    "train.lesion_loss_weight": NON_NEGATIVE,
+    "train.bn_recalibration_images": NON_NEGATIVE,
+    "train.val_fraction": FRACTION,
+    "train.amp": ANY_BOOL,
+    "train.channels_last": ANY_BOOL,
+    "train.num_workers": Range(0, 256),
+    "train.device": OneOf(("auto", "cpu", "cuda")),
+    "cv.folds": Range(2, 100),
+    "cv.test_fraction": FRACTION,
+    "tracking.experiment": Text(nonempty=True),
+    "tracking.tracking_uri": Text(nonempty=True),
+    "tracking.register_model": Text(nonempty=True),
+    "tracking.alias": Text(nonempty=True),
+    "report.enabled": ANY_BOOL,
+    "report.top": Range(1, 100),
+    "report.method": OneOf(("gradcam", "gradcampp")),
 }
-POSITIVE = {"data.image_size", "data.window_width", "train.epochs", "train.batch_size", "train.lr", "cv.folds", "report.top"}
-PROBABILITIES = {"augment.flip_prob", "augment.prob"}                     # in [0, 1]
-FRACTIONS = {"train.val_fraction", "cv.test_fraction", "model.drop_connect", "model.dropout",
-             "train.label_smoothing", "model.bn_momentum"}                                        # in [0, 1)
+"""The allowed values of every config key (``None`` is allowed where the type says ``| None``);
+``from_dict`` checks each one after the types, and a test checks that every key has a rule."""
 
 
 def _coerce(key: str, value, hint):
@@ -176,27 +278,10 @@ def _coerce(key: str, value, hint):
 
 
 def _check_ranges(cfg: Config) -> None:
-    flat = cfg.flat()
-    for key, allowed in CHOICES.items():
-        if flat[key] not in allowed:
-            raise ConfigError(f"{key}: {flat[key]!r} is not one of {', '.join(map(str, allowed))}")
-    for key in POSITIVE:
-        if flat[key] <= 0:
-            raise ConfigError(f"{key}: must be > 0, got {flat[key]!r}")
-    for key in PROBABILITIES:
-        if not 0 <= flat[key] <= 1:
-            raise ConfigError(f"{key}: must be in [0, 1], got {flat[key]!r}")
-    for key in FRACTIONS:
-        if flat[key] is not None and not 0 <= flat[key] < 1:
-            raise ConfigError(f"{key}: must be in [0, 1), got {flat[key]!r}")
-    for key in ("train.lesion_loss_weight", "augment.translate", "augment.mixup_alpha", "augment.rotate_deg", "augment.zoom", "augment.noise_std",
-                "augment.intensity_shift", "augment.intensity_scale"):
-        if flat[key] < 0:
-            raise ConfigError(f"{key}: must be >= 0, got {flat[key]!r}")
-    if cfg.train.bn_recalibration_images < 0:
-        raise ConfigError(f"train.bn_recalibration_images: must be >= 0, got {cfg.train.bn_recalibration_images}")
-    if cfg.cv.folds < 2:
-        raise ConfigError(f"cv.folds: needs at least 2 folds, got {cfg.cv.folds}")
+    for key, value in cfg.flat().items():
+        rule = RULES[key]
+        if value is not None and not rule.admits(value):
+            raise ConfigError(f"{key}: must be {rule}, got {value!r}")
 
 
 def from_dict(raw: dict | None) -> Config:
@@ -234,7 +319,7 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     path = Path(name_or_path)
     if path.is_file():
         return path
-    named = CONFIG_DIR / f"{path.stem}.yaml"
+    named = named_config(path.stem)
     if path.suffix in ("", ".yaml") and named.is_file():
         return named
     raise ConfigError(f"config file not found: {name_or_path}")

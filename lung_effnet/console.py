@@ -57,7 +57,7 @@ CV_COLUMNS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc_macro", "auroc
 
 def print_cv_summary(summary: dict, out_dir: Path) -> None:
     """Per-fold metrics, the pooled out-of-fold row with 95% CIs, warnings, and where to look next."""
-    rows = [[f"fold {f['fold']}", int(f["n"])] + [f"{f[c]:.3f}" for c in CV_COLUMNS] for f in summary["folds"]]
+    rows: list[list] = [[f"fold {f['fold']}", int(f["n"])] + [f"{f[c]:.3f}" for c in CV_COLUMNS] for f in summary["folds"]]
     oof = summary["oof"]
     rows.append(["out-of-fold", summary["n_samples"]] + [f"{oof[c]:.3f}" for c in CV_COLUMNS])
     rows.append(["95% CI", ""] + [f"{oof[c + '_ci95'][0]:.2f}-{oof[c + '_ci95'][1]:.2f}" for c in CV_COLUMNS])

@@ -13,15 +13,21 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lung_effnet.errors import MissingInputError, TrackingError
+
+if TYPE_CHECKING:  # annotations only: models import nothing from here at run time either way
+    import torch
+    from torch import nn
+
+    from lung_effnet.models.predictor import Predictor
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 MAX_BATCH = 900  # MLflow accepts up to 1000 metrics per log_batch call
 
-
-class TrackingError(RuntimeError):
-    """The tracking server or store cannot be used; the message is one line."""
 
 
 def resolve_tracking_uri(cli_uri: str | None = None, config_uri: str | None = None) -> str:
@@ -130,5 +136,92 @@ class CVTracker:
             elif Path(path).exists():
                 self.client.log_artifact(run_id, str(path), artifact_path)
 
+    def log_model(self, run_id: str, predictor: Predictor, model_dir: Path, example: torch.Tensor,
+                  register_as: str | None = None, alias: str | None = None) -> str:
+        """``log_model_to_mlflow`` into run ``run_id`` (the parent run); returns the model URI."""
+        import mlflow
+
+        with mlflow.start_run(run_id=run_id):
+            return log_model_to_mlflow(predictor, model_dir, example, register_as, alias)
+
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
+
+
+def log_model_to_mlflow(predictor: Predictor, model_dir: Path, example: torch.Tensor, register_as: str | None = None,
+                        alias: str | None = None) -> str:
+    """Log the ensemble (with signature and input example) to the active MLflow run; optionally
+    register it and point ``alias`` at the new version. Returns the model URI."""
+    import mlflow
+    import mlflow.pytorch
+    import numpy as np
+    from mlflow.models import infer_signature
+
+    example_np = example.float().numpy()
+    output = predictor.predict_proba(example)
+    signature = infer_signature(example_np, output.astype(np.float32))
+    info = mlflow.pytorch.log_model(
+        predictor.model.cpu(), name="model", signature=signature, input_example=example_np,
+        extra_files=[str(model_dir / "config.yaml"), str(model_dir / "model.json")],
+        registered_model_name=register_as, pip_requirements=["torch", "monai", "lung-effnet"],
+        # pickle keeps the nn.Module (any batch size; Grad-CAM needs its layers); MLflow's pt2
+        # export would fix the batch size of the input example.
+        serialization_format="pickle",
+    )
+    if register_as and alias:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient().set_registered_model_alias(register_as, alias, str(info.registered_model_version))
+    return info.model_uri
+
+
+def load_logged_model(uri: str, device: str = "cpu") -> tuple[nn.Module, dict]:
+    """The module and the ``config.yaml`` content (a dict) of a model logged by ``log_model_to_mlflow``,
+    from an MLflow model URI (``models:/name@alias``, ``runs:/<id>/model``, or a store URL)."""
+    import mlflow.artifacts
+    import mlflow.pytorch
+    import yaml
+
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    except Exception as exc:  # MlflowException (unknown model, alias or run) or an OSError: one line
+        raise MissingInputError(f"{uri}: cannot fetch the MLflow model ({type(exc).__name__}: "
+                                f"{str(exc).splitlines()[0][:200]})") from None
+    config_files = list(local.rglob("config.yaml"))
+    if not config_files:
+        raise MissingInputError(f"{uri}: the MLflow model has no config.yaml (not logged by lung-effnet train)")
+    config = yaml.safe_load(config_files[0].read_text())
+    return mlflow.pytorch.load_model(str(local), map_location=device), config
+
+
+def latest_train_run_id(tracking_uri: str | None = None) -> str:
+    """The most recent finished ``train`` parent run (has a ``data_fingerprint`` tag, no parent) in the store."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, filter_string="attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], max_results=200) if experiments else []
+    for run in runs:
+        tags = run.data.tags
+        if "mlflow.parentRunId" not in tags and "data_fingerprint" in tags:
+            return run.info.run_id
+    raise MissingInputError(f"no finished lung-effnet train run in the MLflow store {resolve_tracking_uri(tracking_uri)}")
+
+
+def download_run_files(run_id: str, names: tuple[str, ...], folder: Path, tracking_uri: str | None = None) -> str:
+    """Copy the artifacts ``names`` (paths inside the run) of run ``run_id`` to ``folder / name``;
+    returns the tracking URI used. Raises ``FileNotFoundError`` (one line) for an unknown run or artifact."""
+    import mlflow.artifacts
+
+    uri = resolve_tracking_uri(tracking_uri)
+    mlflow.set_tracking_uri(uri)
+    try:
+        for name in names:
+            local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name, tracking_uri=uri))
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_bytes(local.read_bytes())  # one layout whatever the store's download does
+    except Exception as exc:  # MlflowException (unknown run, missing artifact) or an OSError: one line
+        raise MissingInputError(f"MLflow run {run_id} in {uri}: cannot fetch its train outputs "
+                                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    return uri

@@ -1,48 +1,12 @@
-"""The main job on embedded defaults: a synthetic DICOM archive, trained under patient-grouped CV.
+"""Stage script: the main job on embedded defaults (synthetic DICOM archive -> patient-grouped CV -> report).
 
-Needs no data and no network: ``lung-effnet demo`` (or ``python -m pipelines.demo``). Writes
-``OUT/data`` (synthetic 512 px DICOM with localizers and SR documents, as real archives have, plus
-labels and lesion masks) and ``OUT/train`` (the train stage's outputs with ``configs/demo_cpu.yaml``,
-which starts from the package's phantom-pretrained weights), tracked in the local MLflow store
-(``sqlite:///mlflow.db`` in the working directory by default).
+``python pipelines/demo.py [--out demo_output] [--seed 0] ...`` is ``lung-effnet demo`` with the same options
+(``--help`` lists them); the work is ``lung_effnet.demo.run_demo``.
 """
 
-from __future__ import annotations
+import sys
 
-import argparse
-import shutil
-from pathlib import Path
-
-from lung_effnet.config import load_config
-from lung_effnet.console import print_cv_summary
-from lung_effnet.cv import run_cv
-from lung_effnet.data.synthetic_dataset import write_synthetic_dataset
-
-DEMO_PATIENTS = 60
-DEMO_SLICES = 8
-DEMO_SIZE_PX = 512
-"""A clinical matrix (0.68 mm a pixel over 350 mm): the preprocessing crops to the lungs and
-shrinks, as it does real CT; drawing at the model's input size would make a 6 mm nodule 2 px."""
-
-
-def run_demo(out: Path, n_patients: int = DEMO_PATIENTS, seed: int = 0, progress: bool = True,
-             config: str = "demo_cpu", tracking_uri: str | None = None) -> dict:
-    """Synthesize, then train; a second run replaces the first one's outputs in ``out``."""
-    out = Path(out)
-    cfg = load_config(config, [f"seed={seed}"])
-    data = write_synthetic_dataset(out / "data", "dicom", n_patients=n_patients, seed=seed, size_px=DEMO_SIZE_PX,
-                                   n_slices=DEMO_SLICES, extras=True, progress=progress)
-    shutil.rmtree(out / "train", ignore_errors=True)  # the demo's own previous run
-    summary = run_cv(data, out / "train", cfg, labels_csv=Path(data) / "labels.csv", tracking_uri=tracking_uri,
-                     progress=progress)
-    print_cv_summary(summary, out / "train")
-    return summary
-
+from lung_effnet.cli import main
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, default=Path("demo_output"))
-    parser.add_argument("--patients", type=int, default=DEMO_PATIENTS)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    run_demo(args.out, args.patients, args.seed)
+    sys.exit(main(["demo", *sys.argv[1:]]))

@@ -45,7 +45,7 @@ def test_console_script_is_installed():
 
 
 def test_train_on_too_few_patients_is_one_line(tmp_path, capsys, monkeypatch):
-    from lung_effnet.data.synthetic_dataset import write_synthetic_dataset
+    from lung_effnet.synthetic.dataset import write_synthetic_dataset
 
     monkeypatch.setenv("LUNG_EFFNET_CACHE_DIR", str(tmp_path / "cache"))
     data = write_synthetic_dataset(tmp_path / "d", "nifti", n_patients=3, seed=0, size_px=32, n_slices=3, progress=False)

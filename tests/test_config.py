@@ -1,13 +1,15 @@
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from lung_effnet.config import CONFIG_DIR, Config, ConfigError, load_config
+from lung_effnet.config import RULES, Config, OneOf, Range, load_config, named_config
+from lung_effnet.errors import ConfigError
 
 
 def test_default_yaml_spells_out_the_built_in_defaults():
-    assert yaml.safe_load((CONFIG_DIR / "default.yaml").read_text()) == Config().to_dict()
+    assert yaml.safe_load(named_config("default").read_text()) == Config().to_dict()
 
 
 def test_paper_config_has_the_papers_settings():
@@ -31,14 +33,14 @@ def test_overrides_are_typed_and_validated():
     ("train.epoch=3", "train.epoch: unknown key"),
     ("trian.epochs=3", "trian: unknown key"),
     ("train.epochs=three", "train.epochs: expected int"),
-    ("train.lr=-1", "train.lr: must be > 0"),
-    ("model.name=resnet50", "model.name: 'resnet50' is not one of"),
-    ("augment.prob=1.5", "augment.prob: must be in [0, 1]"),
+    ("train.lr=-1", "train.lr: must be (0, 1], got -1.0"),
+    ("model.name=resnet50", "model.name: must be one of efficientnet-b0,"),
+    ("augment.prob=1.5", "augment.prob: must be [0, 1], got 1.5"),
     ("cv.folds=1", "cv.folds"),
     ("train.epochs", "expected key=value"),
 ])
 def test_bad_values_name_the_key(override, message):
-    with pytest.raises(ConfigError, match=message.replace("[", "\\[").replace("]", "\\]")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_config("default", [override])
 
 
@@ -53,3 +55,33 @@ def test_unknown_key_in_a_file_is_one_line(tmp_path: Path):
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="config file not found"):
         load_config("no_such_config.yaml")
+
+
+def test_every_key_has_a_range_rule():
+    assert set(RULES) == set(Config().flat())
+
+
+def _outside(rule, default):
+    """Values just outside ``rule`` (of the key's type), or none where every value of the type is allowed."""
+    if isinstance(rule, Range):
+        step = 1 if isinstance(default, int) and not isinstance(default, bool) else 1e-3
+        below = [] if rule.lo is None else [rule.lo if rule.open_lo else rule.lo - step]
+        above = [] if rule.hi is None else [rule.hi if rule.open_hi else rule.hi + step]
+        return [type(default)(v) if isinstance(default, int) else v for v in below + above]
+    if isinstance(rule, OneOf):
+        return [] if set(rule.values) == {True, False} else ["not-a-choice"]
+    return ["  "] if rule.nonempty else []
+
+
+@pytest.mark.parametrize("key", sorted(RULES))
+def test_each_key_rejects_values_outside_its_range_and_names_key_and_value(key):
+    """The table test: every config key, each bound of its rule just crossed, must fail with a
+    one-line ``ConfigError`` naming the key and the value; the default must pass."""
+    rule, default = RULES[key], Config().flat()[key]
+    assert default is None or rule.admits(default), (key, default)
+    for bad in _outside(rule, default if default is not None else 0.5):
+        with pytest.raises(ConfigError) as err:
+            load_config(None, [f"{key}={bad!r}" if isinstance(bad, str) else f"{key}={bad}"])
+        text = str(err.value)
+        assert text.startswith(f"{key}:") and "\n" not in text, text
+        assert str(bad).strip() in text or repr(bad) in text or f"{float(bad):g}" in text, text

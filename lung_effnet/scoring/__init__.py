@@ -9,8 +9,8 @@ abnormal slices, ``aggregate`` docstring), ``journal`` (atomic per-series record
 """
 
 __all__ = ["score_archive", "aggregate_series", "TOP_K", "OutputMismatchError"]
-_HOME = {"score_archive": "runner", "aggregate_series": "aggregate", "TOP_K": "aggregate",
-         "OutputMismatchError": "journal"}
+_HOME = {"score_archive": "lung_effnet.scoring.runner", "aggregate_series": "lung_effnet.scoring.aggregate",
+         "TOP_K": "lung_effnet.scoring.aggregate", "OutputMismatchError": "lung_effnet.errors"}
 
 
 def __getattr__(name: str):
@@ -20,4 +20,4 @@ def __getattr__(name: str):
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     import importlib
 
-    return getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
+    return getattr(importlib.import_module(_HOME[name]), name)

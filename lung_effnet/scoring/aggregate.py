@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import CLASSES
+from lung_effnet.classes import CLASSES
 
 TOP_K = 5
 """Slices averaged per series (see module docstring)."""

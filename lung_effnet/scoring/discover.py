@@ -15,10 +15,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
-from ..data.dicom_index import SeriesIndex, index_dicom_tree, list_files, relative_name
-from ..data.ingest import split_by_kind
-from ..data.ledger import Ledger
+from lung_effnet.ingest.sources import split_by_kind
+from lung_effnet.io.dicom_index import SeriesIndex, index_dicom_tree, list_files, relative_name
+from lung_effnet.io.ledger import Ledger
+
+if TYPE_CHECKING:
+    from nibabel.spatialimages import SpatialImage
 
 DICOM, NIFTI, IMAGES = "dicom", "nifti", "images"
 
@@ -88,7 +92,7 @@ def nifti_depth(path: Path) -> int:
         import nibabel as nib
         import nibabel.orientations as nio
 
-        img = nib.load(str(path))
+        img = cast("SpatialImage", nib.load(str(path)))  # typed FileBasedImage; a NIfTI file loads as a SpatialImage
         axes = nio.io_orientation(img.affine)[:, 0]
         return int(img.shape[list(axes).index(2)]) if len(img.shape) >= 3 else 0
     except Exception:  # an unreadable file fails later, in its worker, with its reason

@@ -18,13 +18,11 @@ import os
 import tempfile
 from pathlib import Path
 
-from .discover import ScoreUnit
+from lung_effnet.errors import OutputMismatchError
+from lung_effnet.scoring.discover import ScoreUnit
 
 RECORD_VERSION = 1
 
-
-class OutputMismatchError(ValueError):
-    """``--out`` holds records of a run with another model or settings."""
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -20,17 +20,18 @@ import json
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from .. import CLASSES
-from ..data.ledger import USED, Ledger, write_csv
-from .aggregate import abnormality, aggregate_series
-from .discover import Discovery, ScoreUnit
-from .journal import write_atomic
-from .prepare import FAILED as SERIES_FAILED
-from .prepare import SCORED, PreparedUnit
-from .prepare import SKIPPED as SERIES_SKIPPED
+from lung_effnet.classes import CLASSES
+from lung_effnet.io.ledger import USED, Ledger, write_csv
+from lung_effnet.scoring.aggregate import abnormality, aggregate_series
+from lung_effnet.scoring.discover import Discovery, ScoreUnit
+from lung_effnet.scoring.journal import write_atomic
+from lung_effnet.scoring.prepare import FAILED as SERIES_FAILED
+from lung_effnet.scoring.prepare import SCORED, PreparedUnit
+from lung_effnet.scoring.prepare import SKIPPED as SERIES_SKIPPED
 
 PREDICTION_COLUMNS = ("path", "series_uid", "kind", "n_slices", "p_benign", "p_malignant", "p_normal", "predicted",
                       "key_slice", "key_file", "status", "warnings", "report")
@@ -46,7 +47,7 @@ def make_record(unit: ScoreUnit, prepared: PreparedUnit, probs: np.ndarray, top_
     (``rows``: indices into ``prepared.images``, most abnormal first) and returns its path."""
     items = []
     for item in prepared.items:
-        entry = {"path": item.path, "series_uid": item.series_uid, "kind": unit.kind, "status": item.status,
+        entry: dict[str, Any] = {"path": item.path, "series_uid": item.series_uid, "kind": unit.kind, "status": item.status,
                  "warnings": item.warnings}
         if item.status in SCORED:
             p = probs[item.start:item.stop]

@@ -20,14 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import DataConfig
-from ..data.dicom_series import load_series
-from ..data.images2d import read_image_2d
-from ..data.ledger import Ledger
-from ..data.nifti import read_nifti
-from ..data.samples import GRAY, HU
-from ..data.volume_preprocess import preprocess_volume
-from .discover import DICOM, IMAGES, NIFTI, ScoreUnit
+from lung_effnet.config import DataConfig
+from lung_effnet.io.dicom_series import load_series
+from lung_effnet.io.images2d import read_image_2d
+from lung_effnet.io.ledger import Ledger
+from lung_effnet.io.nifti import read_nifti
+from lung_effnet.io.planes import GRAY, HU
+from lung_effnet.preprocess.volume import preprocess_volume
+from lung_effnet.scoring.discover import DICOM, IMAGES, NIFTI, ScoreUnit
 
 MIN_CT_HU = -200.0
 """A CT volume in HU has air or lung (about -1000 HU) somewhere; a NIfTI with no voxel below this
@@ -98,6 +98,7 @@ def _fail_all(unit: ScoreUnit, ledger: Ledger, stage: str, reason: str) -> None:
 def _dicom(unit: ScoreUnit, cfg: DataConfig, ledger: Ledger):
     folder = series_folder(unit.files)
     item = PreparedItem(folder, unit.key, FAILED)
+    assert unit.series is not None  # discover gives every DICOM unit its header index
     volume = load_series(unit.series, ledger)  # failed slices -> ledger rows (stage decode)
     if volume is None:
         _fail_all(unit, ledger, "decode", "no slice of the series could be decoded")
@@ -137,7 +138,8 @@ def _nifti(unit: ScoreUnit, cfg: DataConfig, ledger: Ledger):
 
 
 def _images(unit: ScoreUnit, cfg: DataConfig, ledger: Ledger):
-    images, items = [], []
+    images: list[np.ndarray] = []
+    items: list[PreparedItem] = []
     for rel in unit.files:
         try:
             plane = read_image_2d(Path(unit.root) / rel)

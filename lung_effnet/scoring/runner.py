@@ -19,7 +19,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 from pathlib import Path
@@ -27,14 +27,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import CLASSES, __version__
-from ..inference import inference_copy
-from ..predictor import Predictor, load_model
-from .aggregate import TOP_K
-from .discover import Discovery, ScoreUnit, discover
-from .journal import RECORD_VERSION, Journal
-from .outputs import make_record, write_outputs
-from .prepare import PreparedUnit, init_worker, prepare_unit
+from lung_effnet.classes import CLASSES
+from lung_effnet.errors import InputError, MissingInputError
+from lung_effnet.models.bn_fold import inference_copy
+from lung_effnet.models.predictor import Predictor, load_model
+from lung_effnet.scoring.aggregate import TOP_K
+from lung_effnet.scoring.discover import Discovery, ScoreUnit, discover
+from lung_effnet.scoring.journal import RECORD_VERSION, Journal
+from lung_effnet.scoring.outputs import make_record, write_outputs
+from lung_effnet.scoring.prepare import PreparedUnit, init_worker, prepare_unit
+from lung_effnet.version import __version__
 
 PREFETCH = 2
 """Decoded units that may wait for the model beyond one per worker."""
@@ -77,7 +79,8 @@ class SliceScorer:
         self.amp = predictor.config.train.amp and self.device.type == "cuda"
         self.channels_last = predictor.config.train.channels_last
         if self.channels_last:
-            self.model.to(memory_format=torch.channels_last)
+            # torch's stub of Module.to lacks memory_format, which Module.to accepts at run time
+            self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
     @torch.no_grad()
     def __call__(self, images: np.ndarray) -> np.ndarray:
@@ -128,11 +131,12 @@ def prepared_units(units: list[ScoreUnit], cfg, pool: ProcessPoolExecutor | None
         for unit in units:
             yield unit, prepare_unit(unit, cfg)
         return
-    pending, queue = {}, iter(units)
+    pending: dict[Future[PreparedUnit], ScoreUnit] = {}
+    queue = iter(units)
     try:
         while True:
-            while len(pending) < workers + PREFETCH and (unit := next(queue, None)) is not None:
-                pending[pool.submit(prepare_unit, unit, cfg)] = unit
+            while len(pending) < workers + PREFETCH and (queued := next(queue, None)) is not None:
+                pending[pool.submit(prepare_unit, queued, cfg)] = queued
             if not pending:
                 return
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -161,9 +165,9 @@ def model_fingerprint(predictor: Predictor) -> str:
 
 def resolve_device(name: str) -> torch.device:
     if name not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, got {name!r}")
+        raise InputError(f"--device: must be auto, cpu or cuda, got {name!r}")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but no CUDA device is available")
+        raise InputError("--device: 'cuda', but no CUDA device is available")
     return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
 
 
@@ -186,9 +190,9 @@ def score_archive(model: str | Path, input_dir: str | Path, out_dir: str | Path,
     started = time.perf_counter()
     input_dir, out_dir = Path(input_dir), Path(out_dir)
     if not input_dir.exists():
-        raise FileNotFoundError(f"--input not found: {input_dir}")
+        raise MissingInputError(f"--input not found: {input_dir}")
     if batch_size < 1 or top_k < 1 or (workers is not None and workers < 0):
-        raise ValueError("--batch-size and top_k must be >= 1, --workers >= 0")
+        raise InputError(f"--batch-size and top_k must be >= 1, --workers >= 0; got {batch_size}, {top_k}, {workers}")
     dev = resolve_device(device)
     workers = default_workers(dev) if workers is None else workers
     pool = start_pool(workers)
@@ -264,7 +268,7 @@ def run_units(todo: list[ScoreUnit], discovery: Discovery, predictor: Predictor,
 
 
 def _reporter(predictor: Predictor, prepared: PreparedUnit, probs: np.ndarray, out_dir: Path):
-    from .saliency import write_series_report
+    from lung_effnet.scoring.saliency import write_series_report
 
     def report(entry: dict, rows: np.ndarray) -> str:
         indices = [int(r) - _item_start(prepared, entry) for r in rows]

@@ -1,9 +1,9 @@
 """``score --saliency``: one self-contained HTML page per series with Grad-CAM overlays on its key
 slices (the ``top_k`` slices averaged into the series result), most abnormal first.
 
-Maps come from ``lung_effnet.explain.grad_cam`` with an integer class (the series' predicted
+Maps come from ``lung_effnet.explain.gradcam.grad_cam`` with an integer class (the series' predicted
 class), the batch-safe way to call it (DESIGN.md, "Known traps"); the page is rendered by
-``lung_effnet.report_html.write_case_report``. Pages are written under a temporary name and renamed,
+``lung_effnet.explain.html.write_case_report``. Pages are written under a temporary name and renamed,
 so a killed run never leaves a half page that a resumed run would take as done.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import CLASSES
+from lung_effnet.classes import CLASSES
 
 
 def report_name(series_uid: str) -> str:
@@ -35,8 +35,8 @@ def write_series_report(model, images: np.ndarray, slice_indices: list[int], sli
     """
     import torch
 
-    from ..explain import grad_cam
-    from ..report_html import Case, write_case_report
+    from lung_effnet.explain.gradcam import grad_cam
+    from lung_effnet.explain.html import Case, write_case_report
 
     x = torch.from_numpy(np.ascontiguousarray(images)).float().to(next(model.parameters()).device)
     maps = grad_cam(model, x, class_idx=CLASSES.index(item["predicted"]))  # (K, S, S) in [0, 1], 1 = most important

@@ -1,1 +1,0 @@
-"""CT data layer: readers, manifests, synthetic phantoms, and the ingest stage."""

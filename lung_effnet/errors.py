@@ -1,0 +1,64 @@
+"""The errors a user can catch: one base class, three kinds.
+
+``LungEffNetError`` is the base of every error this package raises on purpose. Its three kinds say
+whose move it is:
+
+- ``InputError``: the data or an argument is wrong (a manifest without a label column, too few
+  patients for the folds, an output folder that holds another run). Fix the input.
+- ``ConfigError``: a setting is out of range or unknown; the message names the key and the value.
+- ``ServiceError``: a service the run needs (the MLflow tracking server or store) cannot be reached.
+
+The CLI prints these as one line and exits with code 2; anything else is a bug and keeps its traceback.
+The concrete classes below subclass ``ValueError`` or ``RuntimeError`` as well, so code written against
+the built-in types keeps working.
+"""
+
+from __future__ import annotations
+
+
+class LungEffNetError(Exception):
+    """Base of all errors lung-effnet raises on purpose (bad input, bad config, unreachable service)."""
+
+
+class InputError(LungEffNetError, ValueError):
+    """The data or an argument cannot be used; the message names the file, flag or column."""
+
+
+class ConfigError(LungEffNetError, ValueError):
+    """A config that cannot be used; the message names the key and the value received."""
+
+
+class ServiceError(LungEffNetError, RuntimeError):
+    """A service the run needs cannot be reached or refuses the request."""
+
+
+class MissingInputError(InputError, FileNotFoundError):
+    """A file, folder, model or run that was named does not exist or lacks what the step needs."""
+
+
+class UsageError(InputError):
+    """A command-line option that cannot be used; the message names the flag."""
+
+
+class ManifestError(InputError):
+    """A manifest or labels file that cannot be used at all (missing column, unreadable)."""
+
+
+class TooFewPatientsError(InputError):
+    """The data cannot fill the folds asked for."""
+
+
+class LeakageError(InputError):
+    """A patient or an identical image is on both sides of a split."""
+
+
+class RunExistsError(InputError):
+    """The output folder holds a run and ``--resume`` was not given."""
+
+
+class OutputMismatchError(InputError):
+    """``--out`` holds records of a run with another model or settings."""
+
+
+class TrackingError(ServiceError):
+    """The tracking server or store cannot be used; the message is one line."""

@@ -1,0 +1,166 @@
+"""The trained fold ensemble as one object that scoring, reports and notebooks load.
+
+A model directory (written by ``train`` to ``<out>/model``) holds:
+
+- ``fold_<k>.pt``: each fold model's state dict;
+- ``config.yaml``: the resolved training config (model and preprocessing settings);
+- ``model.json``: classes, input shape, fold count, the package version that wrote it.
+
+``load_model`` reads such a directory, or an MLflow model URI (``models:/name@alias``,
+``runs:/<id>/model``, ``models:/<model_id>``) of the ensemble logged by ``train``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import cast
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from lung_effnet.classes import CLASSES
+from lung_effnet.config import Config, from_dict
+from lung_effnet.errors import MissingInputError
+from lung_effnet.models.factory import create_model
+from lung_effnet.version import __version__
+
+
+class FoldEnsemble(nn.Module):
+    """Mean of the fold models' class probabilities.
+
+    Input ``(B, C, S, S)`` float in [0, 1]; output ``(B, 3)`` probabilities (not logits), in the
+    order of ``CLASSES``.
+    """
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([torch.softmax(m(x).float(), dim=1) for m in self.members]).mean(0)
+
+
+def build_member(cfg: Config) -> nn.Module:
+    """A fold model as configured (random weights; pretrained ones only at training start).
+
+    BatchNorm momentum: MONAI builds EfficientNet with TensorFlow's 0.99 decay (momentum 0.01),
+    made for ImageNet's hundreds of thousands of steps; a fold of a few hundred steps then
+    evaluates with running statistics still near their initial values. ``model.bn_momentum``
+    (default 0.1, PyTorch's) lets them follow the data. A zero-initialised head starts every
+    class at probability 1/3, which keeps the first steps of a from-scratch run stable.
+    ``model.pooling: max`` replaces the global average pool by a global max pool: a slice is
+    "lesion" if any place in it looks like one, where averaging dilutes a 3-pixel nodule into
+    the whole slice (multiple-instance view; on small from-scratch data it is what learns).
+    """
+    model = create_model(cfg.model.name, in_channels=2 * cfg.data.context_slices + 1, num_classes=len(CLASSES),
+                         dropout=cfg.model.dropout, drop_connect=cfg.model.drop_connect)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.momentum = cfg.model.bn_momentum
+    if cfg.model.pooling == "max":
+        model._avg_pooling = nn.AdaptiveMaxPool2d(1)  # MONAI's attribute name; the module is a max pool
+    if cfg.model.zero_init_head:
+        head = cast(nn.Linear, model._fc)  # nn.Module.__getattr__ is typed Tensor | Module
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+    return model
+
+
+def save_model_dir(model_dir: Path, cfg: Config, fold_states: list[dict]) -> Path:
+    """Write the model directory (see module docstring)."""
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    for k, state in enumerate(fold_states):
+        torch.save(state, model_dir / f"fold_{k}.pt")
+    (model_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    channels = 2 * cfg.data.context_slices + 1
+    (model_dir / "model.json").write_text(json.dumps({
+        "classes": list(CLASSES), "n_folds": len(fold_states), "model": cfg.model.name,
+        "input_shape": [channels, cfg.data.image_size, cfg.data.image_size], "input_range": [0.0, 1.0],
+        "output": "probabilities (mean of fold softmaxes)", "lung_effnet_version": __version__,
+    }, indent=2))
+    return model_dir
+
+
+class Predictor:
+    """A fold ensemble with the preprocessing it was trained with.
+
+    Attributes:
+        model: the ``FoldEnsemble`` (``nn.Module``), in eval mode.
+        config: the training ``Config`` (``config.data`` is the preprocessing).
+    """
+
+    def __init__(self, model: nn.Module, config: Config):
+        self.model = model.eval()
+        self.config = config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def preprocess(self, inputs) -> torch.Tensor:
+        """Inputs as the model sees them: ``(B, C, S, S)`` float32 in [0, 1].
+
+        Each input is a file path (a 2D image or a DICOM slice; with 2.5D models the plane is
+        repeated as its own neighbours), or an array: ``(H, W)`` / ``(C, H, W)`` in HU, or uint8
+        grey levels (already windowed images).
+        """
+        from lung_effnet.io.planes import GRAY, HU, read_sample_plane
+        from lung_effnet.preprocess.transforms import preprocess_sample
+
+        channels = 2 * self.config.data.context_slices + 1
+        out = []
+        for item in inputs:
+            if isinstance(item, (str, Path)):
+                plane, intensity = read_sample_plane(item)
+            else:
+                plane = np.asarray(item)
+                intensity = GRAY if plane.dtype == np.uint8 else HU
+            plane = plane.astype(np.float32)
+            planes = plane if plane.ndim == 3 else np.repeat(plane[None], channels, axis=0)
+            image, _ = preprocess_sample(planes, intensity, self.config.data)
+            out.append(image)
+        return torch.stack(out)
+
+    @torch.no_grad()
+    def predict_proba(self, inputs, batch_size: int = 64) -> np.ndarray:
+        """``(B, 3)`` probabilities for paths / arrays, or for an already preprocessed tensor."""
+        x = inputs if isinstance(inputs, torch.Tensor) else self.preprocess(inputs)
+        probs = []
+        for start in range(0, len(x), batch_size):
+            probs.append(self.model(x[start:start + batch_size].to(self.device).float()).cpu())
+        return torch.cat(probs).double().numpy() if probs else np.zeros((0, len(CLASSES)))
+
+
+def load_model_dir(model_dir: str | Path, device: str = "cpu") -> Predictor:
+    model_dir = Path(model_dir)
+    cfg = from_dict(yaml.safe_load((model_dir / "config.yaml").read_text()))
+    paths = sorted(model_dir.glob("fold_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+    if not paths:
+        raise MissingInputError(f"{model_dir}: no fold_*.pt model files")
+    members = []
+    for path in paths:
+        member = build_member(cfg)
+        member.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        members.append(member)
+    return Predictor(FoldEnsemble(members).to(device), cfg)
+
+
+def load_model(path_or_uri: str | Path, device: str = "cpu") -> Predictor:
+    """Load a predictor from a model directory or an MLflow model URI (see module docstring)."""
+    text = str(path_or_uri)
+    if Path(text).is_dir() and (Path(text) / "config.yaml").exists():
+        return load_model_dir(text, device)
+    if Path(text).is_dir() and (Path(text) / "model" / "config.yaml").exists():
+        return load_model_dir(Path(text) / "model", device)  # a train output folder
+    if "://" not in text and not text.startswith(("models:", "runs:")):
+        raise MissingInputError(f"not a model directory or an MLflow model URI: {text}")
+    from lung_effnet.tracking import load_logged_model
+
+    module, config = load_logged_model(text, device)
+    cfg = from_dict(config)
+    return Predictor(module, cfg)
+

@@ -1,0 +1,127 @@
+"""The package's floor plan holds: no import cycles (module or stage level), no reaching into another
+module's private names, and the stages depend on each other only along the data flow."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import lung_effnet
+
+PACKAGE = Path(lung_effnet.__file__).parent
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> list[tuple[str, list[str]]]:
+    """(imported module, names) for every import in ``path``, at any depth, except under ``TYPE_CHECKING``."""
+    tree = ast.parse(path.read_text())
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skip.update(id(n) for child in node.body for n in ast.walk(child))
+    found = []
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            found += [(a.name, []) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"{path}: relative import (the package uses absolute imports)"
+            found.append((node.module or "", [a.name for a in node.names]))
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        deps = set()
+        for module, names in _imports(path):
+            if not module.startswith("lung_effnet"):
+                continue
+            for imported in [f"{module}.{n}" for n in names] + [module]:
+                if imported in modules:  # "from pkg import module" names the module
+                    deps.add(imported)
+                    break
+        graph[name] = deps - {name}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one node (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def _stage(module: str) -> str:
+    parts = module.split(".")
+    return ".".join(parts[:2])
+
+
+def test_no_import_cycles_between_modules():
+    assert _cycles(_graph()) == []
+
+
+def test_no_import_cycles_between_stages():
+    stages: dict[str, set[str]] = {}
+    for module, deps in _graph().items():
+        if module == "lung_effnet":  # the public API re-exports every stage
+            continue
+        stages.setdefault(_stage(module), set()).update(_stage(d) for d in deps if _stage(d) != _stage(module))
+    assert _cycles(stages) == []
+
+
+def test_lower_layers_do_not_import_stages():
+    """``io`` and the shared modules sit below every stage: they import none of them."""
+    shared = {"lung_effnet.io", "lung_effnet.errors", "lung_effnet.classes", "lung_effnet.version",
+              "lung_effnet.config", "lung_effnet.tracking"}
+    allowed = shared | {"lung_effnet"}
+    for module, deps in _graph().items():
+        if _stage(module) in shared:
+            assert {_stage(d) for d in deps} <= allowed, (module, deps)
+
+
+def test_no_private_names_imported_across_modules():
+    for path in PACKAGE.rglob("*.py"):
+        for module, names in _imports(path):
+            if module.startswith("lung_effnet"):
+                private = [n for n in names if n.startswith("_") and not n.startswith("__")]
+                assert not private, f"{path.relative_to(PACKAGE.parent)} imports {private} from {module}"
+
+
+def test_package_does_not_import_pipelines():
+    for path in PACKAGE.rglob("*.py"):
+        assert not any(m.split(".")[0] == "pipelines" for m, _ in _imports(path)), path

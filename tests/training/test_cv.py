@@ -1,0 +1,169 @@
+"""The train stage end to end on tiny phantoms: outputs, folds, resume, MLflow, model loading."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import lung_effnet
+from lung_effnet.config import load_config
+from lung_effnet.errors import RunExistsError, TrackingError
+from lung_effnet.synthetic.dataset import write_synthetic_dataset
+from lung_effnet.training.cv import run_cv
+
+TINY = ["data.image_size=32", "data.context_slices=0", "train.epochs=2", "train.batch_size=8", "cv.folds=3", "train.val_fraction=0.0",
+        "data.slices=all", "tracking.experiment=tiny"]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return write_synthetic_dataset(root / "data", "nifti", n_patients=9, seed=5, size_px=48, n_slices=4, progress=False)
+
+
+@pytest.fixture()
+def cache_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("LUNG_EFFNET_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    cfg = load_config(None, [*TINY, f"data.cache_dir={out / 'cache'}"])
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    summary = run_cv(tiny_data, out / "train", cfg, labels_csv=tiny_data / "labels.csv", tracking_uri=uri, progress=False)
+    return out, summary, uri
+
+
+def test_outputs_have_the_documented_shape(tiny_run, read_csv):
+    out, summary, _ = tiny_run
+    train = out / "train"
+    on_disk = json.loads((train / "cv_summary.json").read_text())
+    assert on_disk["oof"]["auroc_macro"] == pytest.approx(summary["oof"]["auroc_macro"])
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "auroc_benign", "auroc_malignant", "auroc_normal", "auroc_macro", "ece"):
+        assert key in on_disk["oof"] and len(on_disk["oof"][f"{key}_ci95"]) == 2
+        assert all(key in fold for fold in on_disk["folds"])
+    assert len(on_disk["folds"]) == 3
+    oof = read_csv(train / "oof_predictions.csv")
+    assert list(oof[0])[:7] == ["path", "patient_id", "fold", "label", "p_benign", "p_malignant", "p_normal"]
+    assert len(oof) == 9 * 4
+    probs = np.array([[float(r[f"p_{c}"]) for c in ("benign", "malignant", "normal")] for r in oof])
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    for name in ("confusion_matrix.png", "roc_curves.png", "reliability.png"):
+        assert (train / "plots" / name).stat().st_size > 1000
+    assert sorted(p.name for p in (train / "model").iterdir()) == ["config.yaml", "fold_0.pt", "fold_1.pt", "fold_2.pt", "model.json"]
+
+
+def test_no_patient_in_two_folds(tiny_run, read_csv):
+    out, _, _ = tiny_run
+    folds_of = {}
+    for row in read_csv(out / "train" / "oof_predictions.csv"):
+        folds_of.setdefault(row["patient_id"], set()).add(row["fold"])
+    assert len(folds_of) == 9 and all(len(f) == 1 for f in folds_of.values())
+    table = read_csv(out / "train" / "folds.csv")
+    assert sorted(r["patient_id"] for r in table) == sorted(folds_of)
+
+
+def test_mlflow_holds_parent_and_nested_fold_runs(tiny_run):
+    from mlflow.tracking import MlflowClient
+
+    _, summary, uri = tiny_run
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([exp.experiment_id])
+    parent = summary["mlflow"]["parent_run_id"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent]
+    assert len(runs) == 4 and len(children) == 3
+    parent_run = client.get_run(parent)
+    assert parent_run.data.params["train.epochs"] == "2"
+    assert "oof_auroc_macro" in parent_run.data.metrics and "data_fingerprint" in parent_run.data.tags
+    for child in children:
+        history = client.get_metric_history(child.info.run_id, "train_loss")
+        assert [m.step for m in history] == [0, 1]
+        assert "test_auroc_macro" in child.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(parent)}
+    assert {"cv_summary.json", "oof_predictions.csv", "folds.csv", "plots"} <= artifacts
+
+
+def test_logged_model_loads_back_and_predicts_the_same(tiny_run):
+    import mlflow
+
+    out, summary, uri = tiny_run
+    mlflow.set_tracking_uri(uri)
+    local = lung_effnet.load_model(out / "train" / "model")
+    logged = lung_effnet.load_model(summary["mlflow"]["model_uri"])
+    x = local.preprocess([np.full((40, 40), -600.0, np.float32), np.linspace(-1000, 400, 1600, dtype=np.float32).reshape(40, 40)])
+    assert tuple(x.shape) == (2, 1, 32, 32) and float(x.min()) >= 0 and float(x.max()) <= 1
+    np.testing.assert_allclose(local.predict_proba(x), logged.predict_proba(x), atol=1e-6)
+    assert local.predict_proba(x).shape == (2, 3)
+
+
+def test_existing_run_needs_resume(tiny_run, tiny_data):
+    out, _, uri = tiny_run
+    with pytest.raises(RunExistsError, match="--resume"):
+        run_cv(tiny_data, out / "train", load_config(None, TINY), labels_csv=tiny_data / "labels.csv", tracking_uri=uri)
+
+
+def test_unreachable_server_fails_at_start(tiny_data, tmp_path):
+    with pytest.raises(TrackingError, match="not reachable"):
+        run_cv(tiny_data, tmp_path / "t", load_config(None, TINY), labels_csv=tiny_data / "labels.csv",
+               tracking_uri="http://127.0.0.1:9")
+    assert not (tmp_path / "t" / "ingest").exists()  # nothing was done before the check
+
+
+def _train_cmd(data, out, uri, *extra):
+    return [sys.executable, "-m", "lung_effnet.cli", "train", "-q", "--data", str(data), "--labels", str(data / "labels.csv"),
+            "--out", str(out), "--tracking-uri", uri] + [a for o in TINY + ["train.epochs=4"] for a in ("--set", o)] + list(extra)
+
+
+def test_killed_run_resumes_to_the_same_result(tiny_data, tmp_path, cache_env):
+    env = {**os.environ, "LUNG_EFFNET_CACHE_DIR": str(cache_env)}
+    clean = subprocess.run(_train_cmd(tiny_data, tmp_path / "clean", f"sqlite:///{tmp_path / 'a.db'}"), env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert clean.returncode == 0, clean.stderr[-2000:]
+
+    killed_out = tmp_path / "killed"
+    uri = f"sqlite:///{tmp_path / 'b.db'}"
+    proc = subprocess.Popen(_train_cmd(tiny_data, killed_out, uri), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed_out / "folds" / "fold_0" / "predictions.npy").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed_out / "cv_summary.json").exists(), "the run finished before it could be killed"
+    resumed = subprocess.run(_train_cmd(tiny_data, killed_out, uri, "--resume"), env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+    a = json.loads((tmp_path / "clean" / "cv_summary.json").read_text())
+    b = json.loads((killed_out / "cv_summary.json").read_text())
+    assert a["oof"] == b["oof"] and a["folds"] == b["folds"]
+    assert (tmp_path / "clean" / "oof_predictions.csv").read_text() == (killed_out / "oof_predictions.csv").read_text()
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert len(runs) == 4  # the resumed run continued the same parent and fold runs
+
+
+def test_data_without_patient_ids_trains_with_a_recorded_warning(tmp_path, cache_env):
+    from mlflow.tracking import MlflowClient
+
+    data = write_synthetic_dataset(tmp_path / "iqoth", "jpg", n_patients=9, seed=1, size_px=48, n_slices=6, progress=False)
+    for extra in ("manifest.csv", "synthetic.json"):
+        (data / extra).unlink()
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    summary = run_cv(data, tmp_path / "run", load_config(None, TINY), tracking_uri=uri, progress=False)
+    assert any("NO PATIENT IDS" in w for w in summary["warnings"])
+    assert summary["patient_ids"].startswith("missing")
+    tags = MlflowClient(tracking_uri=uri).get_run(summary["mlflow"]["parent_run_id"]).data.tags
+    assert tags["patient_ids"] == "missing" and "NO PATIENT IDS" in tags["warnings"]

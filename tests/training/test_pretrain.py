@@ -1,0 +1,52 @@
+"""The pretrain stage: phantoms -> one model -> weights ``train`` can start from, tracked in MLflow."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from lung_effnet.cli import main
+from lung_effnet.config import load_config
+from lung_effnet.models.factory import BUILTIN_DIR, load_pretrained, resolve_weights
+from lung_effnet.models.predictor import build_member
+
+TINY = ["data.image_size=32", "train.epochs=1", "train.batch_size=8", "tracking.experiment=pretrain-test"]
+
+
+def test_pretrain_writes_weights_train_can_start_from(tmp_path, monkeypatch):
+    monkeypatch.setenv("LUNG_EFFNET_CACHE_DIR", str(tmp_path / "cache"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["pretrain", "-q", "--out", str(tmp_path / "pre"), "--patients", "6", "--seed", "5", "--tracking-uri", uri,
+            "--set", "model.pretrained_weights=null"]
+    assert main(args + [f"--set={s}" for s in TINY]) == 0
+    summary = json.loads((tmp_path / "pre" / "pretrain.json").read_text())
+    assert summary["patients"] == 6 and summary["slices"] > 6 and len(summary["train_loss"]) == 1
+    cfg = load_config("demo_cpu", TINY + [f"model.pretrained_weights={tmp_path / 'pre' / 'weights.pt'}"])
+    member = build_member(cfg)
+    report = load_pretrained(member, cfg.model.pretrained_weights, 3)
+    assert report["skipped"] == [] and not report["adapted_stem"]  # the whole network, head included
+    saved = torch.load(tmp_path / "pre" / "weights.pt", weights_only=True)
+    assert torch.equal(member.state_dict()["_fc.weight"], saved["_fc.weight"])
+
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("pretrain-test-pretrain").experiment_id])
+    assert run.data.params["pretrain.patients"] == "6" and "train_loss" in run.data.metrics
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "pretrain")} == {"pretrain/pretrain.json",
+                                                                                    "pretrain/weights.pt"}
+
+
+def test_builtin_weights_ship_with_the_package_and_fit_the_demo_model():
+    assert resolve_weights("builtin:phantom-b0-96px-2.5d").parent == BUILTIN_DIR
+    cfg = load_config("demo_cpu")
+    report = load_pretrained(build_member(cfg), cfg.model.pretrained_weights, 2 * cfg.data.context_slices + 1)
+    assert report["skipped"] == [] and report["loaded"] > 300
+
+
+def test_an_unknown_builtin_name_is_one_clear_line(tmp_path, capsys):
+    code = main(["train", "-q", "--config", "demo_cpu", "--data", str(tmp_path), "--out", str(tmp_path / "o"),
+                 "--set", "model.pretrained_weights=builtin:nope"])
+    err = capsys.readouterr().err
+    assert code == 2 and "builtin:nope" in err and len(err.strip().splitlines()) == 1
