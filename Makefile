@@ -1,13 +1,14 @@
 # Two commands on a fresh machine (Python >= 3.10 with venv):
 #   make demo   set up .venv and run the main job on embedded defaults (synthetic data)
 #   make test   set up .venv and run the test suite
+# (make lint: ruff + mypy, run by CI before the tests)
 PYTHON ?= python3
 VENV   ?= .venv
 # The CPU build of torch on this project's machines; set TORCH_SPEC="torch" for a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-all bench-io clean
+.PHONY: demo test test-all lint bench-io clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +24,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -m "not slow" -q
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check lung_effnet pipelines tests benchmarks configs
+	$(BIN)/mypy
 
 test-all: $(VENV)/.installed
 	$(BIN)/python -m pytest -q

@@ -27,6 +27,9 @@ _HOME = {
     "score_archive": "lung_effnet.scoring.runner",
     "load_run": "lung_effnet.explain.trained_run",
     "build_oof_report": "lung_effnet.explain.oof_report",
+    "grad_cam": "lung_effnet.explain.gradcam",
+    "Case": "lung_effnet.explain.html",
+    "write_case_report": "lung_effnet.explain.html",
     "write_synthetic_dataset": "lung_effnet.synthetic.dataset",
     "run_demo": "lung_effnet.demo",
 }

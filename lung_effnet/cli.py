@@ -219,6 +219,8 @@ def cmd_score(args) -> int:
         raise UsageError("--batch-size must be >= 1 and --workers >= 0")
     if not args.input.exists():
         raise UsageError(f"--input: not found: {args.input}")
+    if "://" not in args.model and not args.model.startswith(("models:", "runs:")) and not Path(args.model).exists():
+        raise UsageError(f"--model: not found: {args.model}")
     summary = score_archive(args.model, args.input, args.out, batch_size=args.batch_size, device=args.device,
                             workers=args.workers, saliency=args.saliency, progress=not args.quiet)
     counts, run = summary["counts"], summary["run"]

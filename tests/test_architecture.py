@@ -125,3 +125,14 @@ def test_no_private_names_imported_across_modules():
 def test_package_does_not_import_pipelines():
     for path in PACKAGE.rglob("*.py"):
         assert not any(m.split(".")[0] == "pipelines" for m, _ in _imports(path)), path
+
+
+def test_public_api_names_resolve_and_import_stays_light():
+    import subprocess
+    import sys
+
+    for name in lung_effnet.__all__:
+        assert getattr(lung_effnet, name) is not None, name
+    code = "import sys, lung_effnet; print('torch' in sys.modules, 'monai' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]  # decode workers and `lung-effnet --help` do not pay for torch/MONAI

@@ -2,7 +2,7 @@
 
 ``grad_cam(model, images)`` returns one ``(H, W)`` map in [0, 1] per image, high = important,
 each image explained for its own class. Three things MONAI 1.5/1.6 get wrong by default, and how
-they are handled here (see DESIGN.md, "Known traps"):
+they are handled here:
 
 - Direction: MONAI's default normalizer maps the maximum to 0. We pass our own postprocessing
   (``scale_to_unit``: divide by the per-image maximum), so 1 is the most important pixel.

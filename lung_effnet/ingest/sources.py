@@ -1,6 +1,6 @@
 """The ingest stage: a source of CT data in, the documented files out.
 
-Sources (see DESIGN.md): a folder per class (IQ-OTH/NCCD layout), a manifest CSV, or a tree of
+Sources (README.md, "Ingest your data"): a folder per class (IQ-OTH/NCCD layout), a manifest CSV, or a tree of
 DICOM / NIfTI studies (and 2D images) with an optional labels CSV. Outputs in ``out_dir``:
 
 - ``manifest.csv``: one row per usable, labelled sample (only when labels are known);

@@ -3,7 +3,7 @@
 The first of two passes: only headers are read here (no pixel data), so an archive is indexed
 quickly and the pixels of one series at a time are decoded later by ``dicom_series``.
 
-Rules (see DESIGN.md, "DICOM"):
+Rules (README.md, "Ingest your data", says the same for users):
 - files are grouped by SeriesInstanceUID, never by folder;
 - only axial CT images are kept; localizers, non-axial reformats, SR, RTSTRUCT, RTPLAN, SEG, other
   modalities and non-DICOM files are *skipped* with a reason; unreadable ones *fail* with a reason;

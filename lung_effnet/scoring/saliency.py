@@ -2,7 +2,7 @@
 slices (the ``top_k`` slices averaged into the series result), most abnormal first.
 
 Maps come from ``lung_effnet.explain.gradcam.grad_cam`` with an integer class (the series' predicted
-class), the batch-safe way to call it (DESIGN.md, "Known traps"); the page is rendered by
+class), the batch-safe way to call it (``lung_effnet.explain.gradcam``, module docstring); the page is rendered by
 ``lung_effnet.explain.html.write_case_report``. Pages are written under a temporary name and renamed,
 so a killed run never leaves a half page that a resumed run would take as done.
 """
