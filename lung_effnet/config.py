@@ -29,7 +29,6 @@ def named_config(name: str) -> Path:
     return Path(str(files(CONFIG_PACKAGE) / f"{name}.yaml"))
 
 
-
 @dataclass
 class DataConfig:
     """Preprocessing: what the model sees. Sizes in pixels, HU for windows, mm for spacing."""

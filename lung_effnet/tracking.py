@@ -29,7 +29,6 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 MAX_BATCH = 900  # MLflow accepts up to 1000 metrics per log_batch call
 
 
-
 def resolve_tracking_uri(cli_uri: str | None = None, config_uri: str | None = None) -> str:
     """``--tracking-uri``, else the config's, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``
     in the working directory (MLflow's own default since 3.7; the ./mlruns file store is deprecated)."""

@@ -73,7 +73,6 @@ def saliency_run(tmp_path_factory, easy_run) -> dict:
     return easy_run(tmp_path_factory.getbasetemp() / "saliency-run")
 
 
-
 SIZE_PX = 96
 N_PATIENTS = 16
 MASS_RADIUS_PX = (5.0, 8.0)

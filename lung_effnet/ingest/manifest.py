@@ -32,7 +32,6 @@ _PSEUDONYM = re.compile(r"^P-[0-9a-f]{16}$")
 _CASE_SUFFIX = re.compile(r"[\s_-]*cases?$", re.IGNORECASE)
 
 
-
 def normalize_label(text: str) -> str | None:
     """``'Bengin cases'`` -> ``'benign'``; ``'MALIGNANT'`` -> ``'malignant'``; unknown -> ``None``."""
     key = _CASE_SUFFIX.sub("", str(text).strip()).lower()

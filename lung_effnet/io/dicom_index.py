@@ -154,7 +154,6 @@ def native_pixel_layout(ds, offset: int) -> PixelLayout | None:
     return PixelLayout(offset, header_bytes, f"{order}{kind}{bits // 8}")
 
 
-
 def text_values(ds, keyword: str) -> list[str]:
     """The values of an ASCII-only element (UI, CS, DS, IS...) as stripped strings; [] if absent.
 

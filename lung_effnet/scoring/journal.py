@@ -24,7 +24,6 @@ from lung_effnet.scoring.discover import ScoreUnit
 RECORD_VERSION = 1
 
 
-
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` so that ``path`` is either the old file or the whole new one, even on power loss."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -44,7 +44,6 @@ SUMMARY_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc_benign", 
 OOF_COLUMNS = ("path", "patient_id", "fold", "label", "p_benign", "p_malignant", "p_normal", "slice_index", "series_uid")
 
 
-
 def code_version() -> str:
     """Package version, plus the git commit when run from a checkout."""
     try:

@@ -21,8 +21,6 @@ TEST_FOLD = -1
 """Fold number of patients held out of cross-validation for a final test."""
 
 
-
-
 def _n_splits_for(fraction: float) -> int:
     return max(2, int(round(1.0 / fraction)))
 

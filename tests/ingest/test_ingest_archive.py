@@ -19,7 +19,6 @@ CANARIES = {
 }
 
 
-
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory):
     root = tmp_path_factory.mktemp("archive")

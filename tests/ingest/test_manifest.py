@@ -21,7 +21,6 @@ def _image(path, seed, size=32):
     return path
 
 
-
 def _write(path, header, rows):
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)

@@ -35,7 +35,6 @@ def _read_one(folder):
     return load_series(next(iter(series.values())), ledger), ledger
 
 
-
 @pytest.mark.parametrize("order", ["shuffled", "missing"])
 def test_order_comes_from_positions_not_instance_numbers(phantom, tmp_path, order):
     _write(phantom, tmp_path, shuffle_instance_number=order == "shuffled", omit_instance_number=order == "missing")

@@ -37,7 +37,6 @@ OUTPUTS = ("predictions.csv", "slice_scores.csv", "files.csv", "errors.csv")
 MODEL_SETTINGS = ["data.image_size=32", "data.context_slices=0", "model.zero_init_head=false"]
 
 
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A 2-fold b0 ensemble at 32 px in the folder ``train`` writes (``save_model_dir``), also logged

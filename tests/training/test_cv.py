@@ -34,7 +34,6 @@ def cache_env(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
-
 @pytest.fixture(scope="module")
 def tiny_run(tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
