@@ -1,4 +1,6 @@
-"""MLflow tracking: one parent run per cross-validation, one nested run per fold.
+"""MLflow tracking: one parent run per cross-validation, one nested run per fold. Every MLflow call of
+the package is in this module: runs, parameters, metrics, artifacts, the logged fold ensemble (and its
+registry alias), loading a logged model back and fetching a finished run's files.
 
 Runs are addressed by id through ``MlflowClient`` (not the fluent "active run" stack), so a
 resumed training continues the same parent and fold runs. Metrics go in batches (``log_batch``),
@@ -17,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from lung_effnet.errors import MissingInputError, TrackingError
 
-if TYPE_CHECKING:  # annotations only: models import nothing from here at run time either way
+if TYPE_CHECKING:  # annotations only: importing them here would load torch for every tracking user
     import torch
     from torch import nn
 
@@ -70,8 +72,8 @@ class CVTracker:
         check_reachable(uri)
         self.uri = uri
         mlflow.set_tracking_uri(uri)
-        self.client = MlflowClient(tracking_uri=uri)
         try:
+            self.client = MlflowClient(tracking_uri=uri)
             found = self.client.get_experiment_by_name(experiment)
             self.experiment_id = found.experiment_id if found else self.client.create_experiment(
                 experiment, artifact_location=local_artifact_location(uri))
