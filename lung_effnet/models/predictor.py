@@ -150,7 +150,12 @@ def load_model_dir(model_dir: str | Path, device: str = "cpu") -> Predictor:
 
 
 def load_model(path_or_uri: str | Path, device: str = "cpu") -> Predictor:
-    """Load a predictor from a model directory or an MLflow model URI (see module docstring)."""
+    """Load a trained fold ensemble as a ``Predictor`` from a ``train`` model folder (or its output
+    folder) or an MLflow model URI (``models:/name@alias``, ``runs:/<id>/model``).
+
+    The predictor has ``.model`` (an ``nn.Module``), ``.preprocess(paths or arrays)`` giving the
+    ``(B, C, H, W)`` tensor the model sees, and ``.predict_proba(...)`` giving ``(B, 3)``.
+    """
     text = str(path_or_uri)
     if Path(text).is_dir() and (Path(text) / "config.yaml").exists():
         return load_model_dir(text, device)
