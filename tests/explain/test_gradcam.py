@@ -153,6 +153,7 @@ LEARN = ("train.epochs=15", "data.image_size=128", "report.enabled=false")
 LEARN_PATIENTS = 32
 
 
+@pytest.mark.slow  # trains 32 patients x 15 epochs: ~45 s on 2 cores
 def test_after_short_training_maps_land_on_lesions_more_often_than_a_random_map(tmp_path_factory, easy_run):
     """The easy phantom task of ``conftest.py`` (a large malignant mass vs normal) with 32
     patients at 128 px, 2 folds, 15 epochs of the default recipe: over the out-of-fold malignant
@@ -160,7 +161,7 @@ def test_after_short_training_maps_land_on_lesions_more_often_than_a_random_map(
     falls on the mass (within the margin) clearly more often than a uniformly random point, and the
     map's energy is concentrated on it. Measured once (benchmarks/RESULTS.md): OOF AUROC 0.93,
     pointing 0.52 against a chance of 0.06, energy 4.6 x the lesion's area; the stride-32 layers
-    (``_conv_head``) stayed at chance on the same models. About 80 s on 2 cores, the slowest test."""
+    (``_conv_head``) stayed at chance on the same models. About 45 s on 2 cores: marked slow (``make test-all``)."""
     from lung_effnet.explain.checks import localization
     from lung_effnet.explain.trained_run import load_run
 

@@ -322,4 +322,6 @@ def test_bad_inputs_stop_with_one_line(trained, tmp_path):
     assert code == 2 and "--input: not found" in printed and printed.count("\n") == 1
     (tmp_path / "in").mkdir()
     code, printed = _run_cli(["score", "--model", str(tmp_path / "nomodel"), "--input", str(tmp_path / "in"), "--out", str(tmp_path / "o")])
+    assert code == 2 and "--model: not found" in printed and printed.count("\n") == 1
+    code, printed = _run_cli(["score", "--model", str(tmp_path / "in"), "--input", str(tmp_path / "in"), "--out", str(tmp_path / "o")])
     assert code == 2 and "not a model directory" in printed

@@ -124,6 +124,7 @@ def _train_cmd(data, out, uri, *extra):
             "--out", str(out), "--tracking-uri", uri] + [a for o in TINY + ["train.epochs=4"] for a in ("--set", o)] + list(extra)
 
 
+@pytest.mark.slow  # three CLI trainings: ~40 s on 2 cores (scoring's resume test stays in the default run)
 def test_killed_run_resumes_to_the_same_result(tiny_data, tmp_path, cache_env):
     env = {**os.environ, "LUNG_EFFNET_CACHE_DIR": str(cache_env)}
     clean = subprocess.run(_train_cmd(tiny_data, tmp_path / "clean", f"sqlite:///{tmp_path / 'a.db'}"), env=env,
