@@ -1,6 +1,6 @@
 """Grad-CAM target layer on EfficientNet-b0: pointing game and energy in lesion per layer and method.
 
-Trains the easy phantom run of ``tests/easy_phantoms.py`` (malignant mass vs normal, 96 px, 2 folds)
+Trains the easy phantom run of ``tests/easy_run.py`` (malignant mass vs normal, 96 px, 2 folds)
 with extra ``--set``-style overrides, then explains every out-of-fold slice with its own fold's model
 for the malignant class, at ``_conv_head``, ``_bn1``, the last MBConv block (stride 32) and the
 outputs of stages 5, 4 and 3 (``_blocks.5`` stride 32; ``_blocks.4`` and ``_blocks.3`` stride 16),
@@ -18,14 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-import easy_phantoms  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.easy_run
 
 from lung_effnet.explain.checks import localization  # noqa: E402
 from lung_effnet.explain.gradcam import grad_cam, members_of  # noqa: E402
 from lung_effnet.explain.oof_report import oof_inputs  # noqa: E402
 from lung_effnet.explain.trained_run import load_run  # noqa: E402
+from tests import easy_run as easy_phantoms  # noqa: E402
 
 if __name__ == "__main__":
     out, overrides = Path(sys.argv[1]), tuple(sys.argv[2:]) + ("report.enabled=false",)

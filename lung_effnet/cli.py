@@ -94,7 +94,8 @@ def _add_pretrain(sub) -> None:
                     "config says, train one model from scratch on all of them and save OUT/weights.pt and "
                     "OUT/pretrain.json, tracked in MLflow (experiment <tracking.experiment>-pretrain). Point "
                     "model.pretrained_weights at OUT/weights.pt to start train from it. The package ships the "
-                    "result of 'lung-effnet pretrain --config demo_cpu --set model.pretrained_weights=null' as "
+                    "result of 'lung-effnet pretrain --config demo_cpu --set model.pretrained_weights=null --set train.lr=0.001 "
+                    "--set train.epochs=12' as "
                     "builtin:phantom-b0-96px-2.5d (benchmarks/RESULTS.md). About 12 minutes on 2 CPU cores.")
     p.add_argument("--out", type=Path, required=True, help="output folder (created; a second run resumes it)")
     p.add_argument("--config", default="demo_cpu", help="YAML config or a name in configs/ (default: demo_cpu): "
@@ -159,8 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_synth(args) -> int:
     from lung_effnet.synthetic.dataset import write_synthetic_dataset
 
-    if args.patients < 1 or args.size < 32 or args.slices < 1:
-        raise UsageError("--patients must be >= 1, --size >= 32 and --slices >= 1")
+    for flag, value, low in (("--patients", args.patients, 1), ("--size", args.size, 32), ("--slices", args.slices, 3)):
+        if value < low:
+            raise UsageError(f"{flag}: must be >= {low}, got {value}")
+    if args.format != "dicom" and (args.compression not in (None, "none") or args.storage != "signed" or args.extras):
+        raise UsageError(f"--compression, --storage and --extras apply to --format dicom only, got --format {args.format}")
     out = write_synthetic_dataset(
         args.out, args.format, n_patients=args.patients, seed=args.seed, size_px=args.size,
         n_slices=args.slices, compression=None if args.compression == "none" else args.compression,
@@ -201,7 +205,7 @@ def cmd_pretrain(args) -> int:
     from lung_effnet.training.pretrain import run_pretrain
 
     if args.patients < 6:
-        raise UsageError("--patients must be >= 6")
+        raise UsageError(f"--patients: must be >= 6, got {args.patients}")
     cfg = load_config(args.config, args.overrides)
     summary = run_pretrain(args.out, cfg, n_patients=args.patients, seed=args.seed, tracking_uri=args.tracking_uri,
                            progress=not args.quiet)
@@ -216,7 +220,7 @@ def cmd_score(args) -> int:
     from lung_effnet.scoring import score_archive
 
     if args.batch_size < 1 or (args.workers is not None and args.workers < 0):
-        raise UsageError("--batch-size must be >= 1 and --workers >= 0")
+        raise UsageError(f"--batch-size must be >= 1 and --workers >= 0, got {args.batch_size} and {args.workers}")
     if not args.input.exists():
         raise UsageError(f"--input: not found: {args.input}")
     if "://" not in args.model and not args.model.startswith(("models:", "runs:")) and not Path(args.model).exists():
@@ -242,6 +246,8 @@ def cmd_score(args) -> int:
 def cmd_demo(args) -> int:
     from lung_effnet.demo import run_demo
 
+    if args.patients < 15:
+        raise UsageError(f"--patients: must be >= 15 (5 folds need 5 patients of each class), got {args.patients}")
     run_demo(args.out, n_patients=args.patients, seed=args.seed, progress=not args.quiet, tracking_uri=args.tracking_uri)
     return 0
 
@@ -251,7 +257,7 @@ def cmd_report(args) -> int:
     from lung_effnet.explain.trained_run import load_run
 
     if args.top < 1:
-        raise UsageError("--top must be >= 1")
+        raise UsageError(f"--top: must be >= 1, got {args.top}")
     result = build_oof_report(load_run(args.run, args.tracking_uri), args.out, method=args.method, top=args.top)
     rand = result["checks"]["randomization"]
     if not args.quiet:
@@ -263,6 +269,17 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _check_out(out: Path | str | None) -> None:
+    """``--out`` (or ``OUT``) must be a folder or not exist yet, nor lie under a file."""
+    if out is None:
+        return
+    for path in (Path(out), *Path(out).parents):
+        if path.exists():
+            if not path.is_dir():
+                raise UsageError(f"--out: not a folder: {path}" + ("" if path == Path(out) else f" (in {out})"))
+            return
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
@@ -271,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
                "demo": cmd_demo,
                "report": cmd_report}[args.command]
     try:
+        _check_out(getattr(args, "out", None))
         return handler(args)
     except LungEffNetError as exc:  # bad input, bad config, unreachable service: one line; anything else is a bug
         print(f"lung-effnet {args.command}: error: {str(exc).splitlines()[0]}", file=sys.stderr)

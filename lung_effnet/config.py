@@ -19,14 +19,19 @@ from lung_effnet.errors import ConfigError
 
 CONFIG_PACKAGE = "lung_effnet.configs"
 """The named configs (``default``, ``paper_b1``, ``demo_cpu``): the top-level ``configs/`` folder, installed
-with the package under this name (``pyproject.toml``), so a name resolves from a wheel as from a checkout."""
+with the package under this name (``pyproject.toml``), so a name resolves from a wheel as from a checkout
+(and from a source tree that is only on ``PYTHONPATH``, through the folder itself)."""
 
 
 def named_config(name: str) -> Path:
     """The file of the named config ``name`` (``demo_cpu`` -> ``.../configs/demo_cpu.yaml``); it may not exist."""
     from importlib.resources import files
 
-    return Path(str(files(CONFIG_PACKAGE) / f"{name}.yaml"))
+    try:
+        folder = Path(str(files(CONFIG_PACKAGE)))
+    except ModuleNotFoundError:  # a source tree on PYTHONPATH, not installed: the folder itself
+        folder = Path(__file__).resolve().parents[1] / "configs"
+    return folder / f"{name}.yaml"
 
 
 @dataclass
@@ -150,8 +155,11 @@ class Range:
     open_hi: bool = False
 
     def __str__(self) -> str:
-        lo = "-inf" if self.lo is None else f"{self.lo:g}"
-        hi = "inf" if self.hi is None else f"{self.hi:g}"
+        def text(v: float) -> str:
+            return str(int(v)) if float(v).is_integer() else f"{v:g}"
+
+        lo = "-inf" if self.lo is None else text(self.lo)
+        hi = "inf" if self.hi is None else text(self.hi)
         return f"{'(' if self.open_lo or self.lo is None else '['}{lo}, {hi}{')' if self.open_hi or self.hi is None else ']'}"
 
     def admits(self, value: object) -> bool:
@@ -189,13 +197,13 @@ class Text:
 
 
 ANY_BOOL = OneOf((True, False))
-UNIT = Range(0, 1)                       # probabilities
+ZERO_TO_ONE = Range(0, 1)                # probabilities and [0, 1] intensities
 FRACTION = Range(0, 1, open_hi=True)     # shares of something that must leave a remainder
 NON_NEGATIVE = Range(0)
 HU = Range(-1100, 4000)                  # the range a CT scanner stores (air -1000 .. dense bone and metal)
 
 RULES: dict[str, Range | OneOf | Text] = {
-    "seed": NON_NEGATIVE,
+    "seed": Range(0, 2**32 - 1),  # numpy and scikit-learn seeds
     "data.image_size": Range(16, 2048),
     "data.window_center": HU,
     "data.window_width": Range(1, 5000),
@@ -204,14 +212,14 @@ RULES: dict[str, Range | OneOf | Text] = {
     "data.context_slices": OneOf((0, 1)),
     "data.crop": OneOf(("lung", "body", "none")),
     "data.cache_dir": Text(nonempty=True),
-    "augment.flip_prob": UNIT,
+    "augment.flip_prob": ZERO_TO_ONE,
     "augment.rotate_deg": Range(0, 180),
     "augment.zoom": FRACTION,
     "augment.translate": Range(0, 0.5),
-    "augment.intensity_shift": UNIT,
+    "augment.intensity_shift": ZERO_TO_ONE,
     "augment.intensity_scale": FRACTION,
-    "augment.noise_std": UNIT,
-    "augment.prob": UNIT,
+    "augment.noise_std": ZERO_TO_ONE,
+    "augment.prob": ZERO_TO_ONE,
     "augment.mixup_alpha": NON_NEGATIVE,
     "model.name": OneOf(tuple(f"efficientnet-b{i}" for i in range(8))),
     "model.pretrained_weights": Text(nonempty=True),
@@ -318,9 +326,10 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     path = Path(name_or_path)
     if path.is_file():
         return path
-    named = named_config(path.stem)
-    if path.suffix in ("", ".yaml") and named.is_file():
-        return named
+    if path.parent == Path(".") and path.suffix in ("", ".yaml"):  # a bare name: demo_cpu, demo_cpu.yaml
+        named = named_config(path.stem)
+        if named.is_file():
+            return named
     raise ConfigError(f"config file not found: {name_or_path}")
 
 

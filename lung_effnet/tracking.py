@@ -67,7 +67,9 @@ class CVTracker:
 
     def __init__(self, uri: str, experiment: str, state_file: Path):
         import mlflow
+        from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
+        from sqlalchemy.exc import SQLAlchemyError
 
         check_reachable(uri)
         self.uri = uri
@@ -77,7 +79,7 @@ class CVTracker:
             found = self.client.get_experiment_by_name(experiment)
             self.experiment_id = found.experiment_id if found else self.client.create_experiment(
                 experiment, artifact_location=local_artifact_location(uri))
-        except Exception as exc:  # a store that cannot be opened: say which, in one line
+        except (MlflowException, OSError, SQLAlchemyError) as exc:  # a store that cannot be opened: one line
             raise TrackingError(f"cannot use MLflow store {uri}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
         self.state_file = Path(state_file)
         self.state = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
@@ -176,22 +178,43 @@ def log_model_to_mlflow(predictor: Predictor, model_dir: Path, example: torch.Te
     return info.model_uri
 
 
+LEGACY_MODULES = {
+    "lung_effnet.predictor": "lung_effnet.models.predictor",
+    "lung_effnet.model": "lung_effnet.models.factory",
+    "lung_effnet.inference": "lung_effnet.models.bn_fold",
+}
+"""Where the classes of models logged before the package was laid out by stage (0.1.0) live now: the
+pickled ensemble names its classes by module path."""
+
+
+def _fetch_error(what: str, uri: str, exc: Exception) -> Exception:
+    """One-line error for a failed MLflow fetch: the service when it could not be reached, else the input."""
+    text = f"{what} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})" if str(exc) else what
+    unreachable = isinstance(exc, OSError) or any(w in str(exc) for w in ("Max retries", "Connection refused", "timed out"))
+    return TrackingError(f"{text}; is the tracking server at {uri} up?") if unreachable else MissingInputError(text)
+
+
 def load_logged_model(uri: str, device: str = "cpu") -> tuple[nn.Module, dict]:
     """The module and the ``config.yaml`` content (a dict) of a model logged by ``log_model_to_mlflow``,
     from an MLflow model URI (``models:/name@alias``, ``runs:/<id>/model``, or a store URL)."""
+    import importlib
+    import sys
+
     import mlflow.artifacts
     import mlflow.pytorch
     import yaml
+    from mlflow.exceptions import MlflowException
 
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-    except Exception as exc:  # MlflowException (unknown model, alias or run) or an OSError: one line
-        raise MissingInputError(f"{uri}: cannot fetch the MLflow model ({type(exc).__name__}: "
-                                f"{str(exc).splitlines()[0][:200]})") from None
+    except (MlflowException, OSError) as exc:  # unknown model, alias or run; an unreachable server
+        raise _fetch_error(f"{uri}: cannot fetch the MLflow model", resolve_tracking_uri(), exc) from None
     config_files = list(local.rglob("config.yaml"))
     if not config_files:
         raise MissingInputError(f"{uri}: the MLflow model has no config.yaml (not logged by lung-effnet train)")
     config = yaml.safe_load(config_files[0].read_text())
+    for old, new in LEGACY_MODULES.items():  # so an ensemble logged by 0.1.0 unpickles
+        sys.modules.setdefault(old, importlib.import_module(new))
     return mlflow.pytorch.load_model(str(local), map_location=device), config
 
 
@@ -212,8 +235,10 @@ def latest_train_run_id(tracking_uri: str | None = None) -> str:
 
 def download_run_files(run_id: str, names: tuple[str, ...], folder: Path, tracking_uri: str | None = None) -> str:
     """Copy the artifacts ``names`` (paths inside the run) of run ``run_id`` to ``folder / name``;
-    returns the tracking URI used. Raises ``FileNotFoundError`` (one line) for an unknown run or artifact."""
+    returns the tracking URI used. Raises ``MissingInputError`` for an unknown run or artifact,
+    ``TrackingError`` when the server cannot be reached (one line each)."""
     import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
 
     uri = resolve_tracking_uri(tracking_uri)
     mlflow.set_tracking_uri(uri)
@@ -222,7 +247,6 @@ def download_run_files(run_id: str, names: tuple[str, ...], folder: Path, tracki
             local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name, tracking_uri=uri))
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
             (folder / name).write_bytes(local.read_bytes())  # one layout whatever the store's download does
-    except Exception as exc:  # MlflowException (unknown run, missing artifact) or an OSError: one line
-        raise MissingInputError(f"MLflow run {run_id} in {uri}: cannot fetch its train outputs "
-                                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    except (MlflowException, OSError) as exc:  # unknown run, missing artifact; an unreachable server
+        raise _fetch_error(f"MLflow run {run_id} in {uri}: cannot fetch its train outputs", uri, exc) from None
     return uri

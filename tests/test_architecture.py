@@ -136,3 +136,17 @@ def test_public_api_names_resolve_and_import_stays_light():
     code = "import sys, lung_effnet; print('torch' in sys.modules, 'monai' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]  # decode workers and `lung-effnet --help` do not pay for torch/MONAI
+
+
+def test_benchmark_scripts_import_what_exists():
+    """Benchmarks are not run by the tests; at least every package name they import must exist."""
+    import importlib
+    import importlib.util
+
+    for path in sorted((PACKAGE.parent / "benchmarks").glob("*.py")):
+        for module, names in _imports(path):
+            if module.split(".")[0] not in ("lung_effnet", "tests"):
+                continue
+            imported = importlib.import_module(module)
+            for name in names:
+                assert hasattr(imported, name) or importlib.util.find_spec(f"{module}.{name}"), f"{path.name}: {module}.{name}"

@@ -53,3 +53,35 @@ def test_train_on_too_few_patients_is_one_line(tmp_path, capsys, monkeypatch):
                  "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", "--set", "data.image_size=32"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "cv.folds=5 needs at least 5 patients" in err[0]
+
+
+@pytest.mark.parametrize("make_args, words", [
+    (lambda t: ["synth", str(t / "file.txt" / "sub")], ["--out: not a folder", "file.txt"]),
+    (lambda t: ["synth", str(t / "s"), "--slices", "2"], ["--slices", "got 2"]),
+    (lambda t: ["synth", str(t / "s"), "--format", "jpg", "--compression", "rle"], ["--compression", "--format jpg"]),
+    (lambda t: ["synth", str(t / "busy")], ["busy", "not empty"]),
+    (lambda t: ["demo", "--out", str(t / "d"), "--patients", "2"], ["--patients", "got 2"]),
+    (lambda t: ["report", "--run", str(t / "no" / "run"), "--out", str(t / "r")], ["--run", "no/run"]),
+    (lambda t: ["score", "--model", str(t), "--input", str(t), "--out", str(t / "file.txt")], ["--out: not a folder"]),
+    (lambda t: ["train", "--data", str(t), "--out", str(t / "o"), "--set", "seed=-1"], ["seed:", "-1"]),
+])
+def test_user_mistakes_are_one_line_naming_the_flag_and_the_value(tmp_path, capsys, make_args, words):
+    (tmp_path / "file.txt").write_text("x")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "mine.txt").write_text("x")
+    code = main(make_args(tmp_path))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert all(w in err[0] for w in words), err[0]
+
+
+def test_a_bug_is_not_dressed_as_a_user_error(monkeypatch):
+    """Only LungEffNetError becomes a one-line exit 2; anything else keeps its traceback."""
+    import lung_effnet.cli as cli
+
+    def broken(args):
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(cli, "cmd_synth", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        cli.main(["synth", "somewhere"])

@@ -2,8 +2,8 @@
 
 The most confident right and wrong out-of-fold cases per true class, each explained by its own
 fold's model (the one that never saw it) on inputs re-created exactly as training saw them (same
-manifest, same preprocessing, same cache), with the faithfulness checks of ``saliency_checks``,
-rendered by ``report_html``. ``report_after_training`` runs it at the end of ``train``.
+manifest, same preprocessing, same cache), with the faithfulness checks of ``explain.checks``,
+rendered by ``explain.html``. ``report_after_training`` runs it at the end of ``train``.
 """
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ def load_run(run: str | Path | None = None, tracking_uri: str | None = None) -> 
     (``$LUNG_EFFNET_RUN``, else the latest finished run in the MLflow store).
 
     Raises:
-        FileNotFoundError: no such folder or run, or it lacks the outputs a report needs.
+        MissingInputError: no such folder or run, or it lacks the outputs a report needs.
     """
     import os
 
@@ -80,6 +80,8 @@ def load_run(run: str | Path | None = None, tracking_uri: str | None = None) -> 
 
     run = run or os.environ.get("LUNG_EFFNET_RUN") or latest_train_run_id(tracking_uri)
     folder = Path(run)
+    if not folder.is_dir() and (os.sep in str(run) or "/" in str(run) or str(run).startswith(".") or folder.exists()):
+        raise MissingInputError(f"--run: not a train output folder or an MLflow run id: {run}")
     if folder.is_dir():
         for name in ("oof_predictions.csv", "model", "ingest/manifest.csv"):
             if not (folder / name).exists():

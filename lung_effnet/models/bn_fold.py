@@ -10,7 +10,7 @@ that an eval-mode model does not need is paid per slice. In MONAI's EfficientNet
   padded copy of the feature map. The asymmetric ones (stride 2) stay.
 
 Measured on the development machine (2 cores, 5-fold b0 at 96 px, batch 32): ~30% less time per
-slice, probabilities equal to within 6e-8 (float32 rounding; ``tests/test_inference.py``).
+slice, probabilities equal to within 6e-8 (float32 rounding; ``tests/models/test_bn_fold.py``).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ bounding box (``crop: lung``; the body's when a slice shows no lungs) or to the 
 body``) -> pad to a square -> resize to S x S. Cropping to the lungs before shrinking gives a nodule
 more pixels: on 512 px phantom slices the lungs' box spans 244-291 mm, the body's 299-332 mm
 (benchmarks/RESULTS.md). Random augmentation is not here: it runs on whole batches on the training device (``lung_effnet.training.augment``). Scoring runs the same chain on
-whole volumes with ``volume_preprocess.preprocess_volume`` (same values, tested).
+whole volumes with ``preprocess.volume.preprocess_volume`` (same values, tested).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class CropToBodyd(MapTransform):
 
 
 class CropToLungsd(MapTransform):
-    """Crop to the bounding box of the lungs of every channel (``volume_preprocess.plane_lung_box``:
+    """Crop to the bounding box of the lungs of every channel (``preprocess.volume.plane_lung_box``:
     dark regions enclosed by the body, found by threshold and connected components); where no
     channel shows lungs, crop to the body instead (``CropToBodyd``) and warn.
 

@@ -3,7 +3,7 @@ per-sample bookkeeping: what scoring runs, in its decode workers.
 
 ``preprocess_volume(volume, intensity, cfg, spacing)[k]`` equals
 ``preprocess_sample(context_planes(volume, k, c), intensity, cfg, None, spacing)`` as float16
-(``tests/data/test_volume_preprocess.py``). Only the resampling step uses MONAI (``Spacingd``,
+(``tests/preprocess/test_volume_preprocess.py``). Only the resampling step uses MONAI (``Spacingd``,
 imported when a config asks for it): importing MONAI takes seconds, and every decode worker
 would pay them at start.
 """

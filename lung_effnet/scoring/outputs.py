@@ -6,7 +6,7 @@
   superior; ``slice_scores.csv``), ``key_file`` is the file that holds it.
 - ``slice_scores.csv``: one row per scored slice (``SLICE_COLUMNS``); ``in_top_k`` marks the slices
   averaged into the series result.
-- ``files.csv`` / ``errors.csv``: the ledger (``data.ledger``): input files = ledger rows, and a
+- ``files.csv`` / ``errors.csv``: the ledger (``io.ledger``): input files = ledger rows, and a
   file is ``used`` only when its slice was scored.
 - ``summary.json``: counts (identical for a resumed and an uninterrupted run) and this
   invocation's timing.

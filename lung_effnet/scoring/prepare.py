@@ -3,12 +3,12 @@
 Runs in a worker process (or in-process with ``--workers 0``); everything here is a top-level,
 picklable function of plain data, so it works under the ``spawn`` start method.
 
-Training's sample from a volume plane (``data.dataset.PlaneReader`` + ``load_or_preprocess``) is:
+Training's sample from a volume plane (``preprocess.cache.PlaneReader`` + ``load_or_preprocess``) is:
 the ``(2c+1, H, W)`` planes of slice k in HU (``context_planes``, edges repeated), the volume's
 in-plane spacing ``(dy, dx)`` mm, ``preprocess_sample`` (resample, window, body crop, pad, resize),
 stored as float16. 2D images are grey levels, repeated ``2c+1`` times, without spacing. Scoring
 runs the same chain with the model's saved ``DataConfig`` through ``preprocess_volume``, which
-does a whole volume at once and gives the same float16 values (``tests/data/test_volume_preprocess.py``).
+does a whole volume at once and gives the same float16 values (``tests/preprocess/test_volume_preprocess.py``).
 """
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ class SliceScorer:
 
     Training's evaluation numerics: fp32 on CPU; bf16 autocast on CUDA when the model was trained
     with ``train.amp``; channels_last when it was trained with it. The ensemble runs as its
-    ``inference.inference_copy`` (BatchNorm folded into the convolutions), which changes the
+    ``models.bn_fold.inference_copy`` (BatchNorm folded into the convolutions), which changes the
     probabilities by float32 rounding only (< 1e-6) and saves ~30% of the time on CPU.
     """
 
@@ -100,7 +100,7 @@ class SliceScorer:
 def start_pool(workers: int) -> ProcessPoolExecutor | None:
     """The decode processes, started in the background so that their start overlaps model loading
     and the header pass. ``forkserver`` (where the OS has it) imports the worker's modules (torch,
-    pydicom; not MONAI, see ``data.volume_preprocess``) once, in the server, and forks each worker
+    pydicom; not MONAI, see ``preprocess.volume``) once, in the server, and forks each worker
     from it; ``spawn`` would import them again in every worker, and plain ``fork`` of a process
     already running torch threads can deadlock. Starting the first worker waits for the server's
     imports (~2 s), hence the thread."""

@@ -174,7 +174,7 @@ def _prepare_out_dir(out: Path) -> Path:
         raise InputError(f"not a folder: {out}")
     if out.exists() and any(out.iterdir()):
         if not (out / "synthetic.json").is_file():
-            raise FileExistsError(f"{out} is not empty and holds no synthetic dataset; choose an empty folder")
+            raise InputError(f"{out} is not empty and holds no synthetic dataset; choose an empty folder")
         own = set(_OWN_ENTRIES) | {f"{v} cases" for v in IQOTH_FOLDERS.values()}
         for entry in out.iterdir():
             is_patient = entry.is_dir() and entry.name.startswith("P") and entry.name[1:].isdigit()

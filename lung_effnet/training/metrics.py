@@ -337,7 +337,7 @@ def _group_index(patient_ids: object, n: int) -> tuple[np.ndarray, int]:
         return np.arange(n), n
     g = np.asarray(patient_ids, dtype=object)
     if g.ndim != 1 or g.shape[0] != n:
-        raise ValueError(f"groups must be a 1-D array of {n} patient ids (one per row), got shape {g.shape}")
+        raise ValueError(f"patient_ids must be a 1-D array of {n} patient ids (one per row), got shape {g.shape}")
     unknown = np.fromiter((_is_unknown(x) for x in g), dtype=bool, count=n)
     index = np.empty(n, dtype=np.int64)
     known_ids, index[~unknown] = np.unique(g[~unknown].astype(str), return_inverse=True)

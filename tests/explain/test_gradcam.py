@@ -1,4 +1,4 @@
-"""Grad-CAM / Grad-CAM++ (lung_effnet.explain.gradcam) and the faithfulness checks (saliency_checks)."""
+"""Grad-CAM / Grad-CAM++ (lung_effnet.explain.gradcam) and the faithfulness checks (lung_effnet.explain.checks)."""
 
 from __future__ import annotations
 
