@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -283,7 +284,10 @@ def _check_out(out: Path | str | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # its INFO lines (store creation) are noise here
+    # MLflow's INFO lines (store creation, migrations) are noise here; MLflow sets its level when first
+    # imported, which happens later, so it is told through its own variable (a user's setting wins).
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
     handler = {"synth": cmd_synth, "ingest": cmd_ingest, "train": cmd_train, "pretrain": cmd_pretrain, "score": cmd_score,
                "demo": cmd_demo,
                "report": cmd_report}[args.command]
