@@ -14,6 +14,7 @@ from PIL import Image
 from scipy import ndimage
 
 from lung_effnet.classes import CLASSES
+from lung_effnet.errors import InputError
 from lung_effnet.io.volume import affine_from_lps, canonical_affine
 from lung_effnet.synthetic.dataset import assign_labels, window_to_uint8, write_synthetic_dataset
 from lung_effnet.synthetic.dicom_writer import write_dicom_series, write_localizer, write_sr
@@ -332,7 +333,7 @@ def test_dataset_is_deterministic_by_seed(tmp_path):
     assert relative_files(a) == files
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "keep.txt").write_text("x")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(InputError, match="not empty"):
         write_synthetic_dataset(tmp_path / "other", "dicom", seed=5, **kw)
 
 
