@@ -218,13 +218,14 @@ def cmd_pretrain(args) -> int:
 
 def cmd_score(args) -> int:
     from lung_effnet.console import format_table
+    from lung_effnet.models.predictor import is_model_uri
     from lung_effnet.scoring import score_archive
 
     if args.batch_size < 1 or (args.workers is not None and args.workers < 0):
         raise UsageError(f"--batch-size must be >= 1 and --workers >= 0, got {args.batch_size} and {args.workers}")
     if not args.input.exists():
         raise UsageError(f"--input: not found: {args.input}")
-    if "://" not in args.model and not args.model.startswith(("models:", "runs:")) and not Path(args.model).exists():
+    if not is_model_uri(args.model) and not Path(args.model).exists():
         raise UsageError(f"--model: not found: {args.model}")
     summary = score_archive(args.model, args.input, args.out, batch_size=args.batch_size, device=args.device,
                             workers=args.workers, saliency=args.saliency, progress=not args.quiet)

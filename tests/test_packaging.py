@@ -22,8 +22,9 @@ def installed(tmp_path_factory) -> Path:
     without running its ``.pth`` files, so this checkout's editable install is not seen."""
     base = tmp_path_factory.mktemp("wheel")
     src = base / "src"
+    src.mkdir()
     for name in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, src / name) if src.exists() else (src.mkdir(), shutil.copy(ROOT / name, src / name))
+        shutil.copy(ROOT / name, src / name)
     for name in ("lung_effnet", "configs"):
         shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(base / "dist"),

@@ -149,6 +149,11 @@ def load_model_dir(model_dir: str | Path, device: str = "cpu") -> Predictor:
     return Predictor(FoldEnsemble(members).to(device), cfg)
 
 
+def is_model_uri(text: str) -> bool:
+    """Whether ``text`` names an MLflow model (``models:/...``, ``runs:/...``, a store URL), not a folder."""
+    return "://" in text or text.startswith(("models:", "runs:"))
+
+
 def load_model(path_or_uri: str | Path, device: str = "cpu") -> Predictor:
     """Load a trained fold ensemble as a ``Predictor`` from a ``train`` model folder (or its output
     folder) or an MLflow model URI (``models:/name@alias``, ``runs:/<id>/model``).
@@ -161,7 +166,7 @@ def load_model(path_or_uri: str | Path, device: str = "cpu") -> Predictor:
         return load_model_dir(text, device)
     if Path(text).is_dir() and (Path(text) / "model" / "config.yaml").exists():
         return load_model_dir(Path(text) / "model", device)  # a train output folder
-    if "://" not in text and not text.startswith(("models:", "runs:")):
+    if not is_model_uri(text):
         raise MissingInputError(f"not a model directory or an MLflow model URI: {text}")
     from lung_effnet.tracking import load_logged_model
 
