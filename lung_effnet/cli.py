@@ -1,8 +1,8 @@
 """The ``lung-effnet`` command: one sub-command per pipeline stage.
 
-Errors in what the user gave (a missing path, a bad CSV, a bad option) end with one line on
-stderr naming the path or key, and exit code 2; problems with single files never stop a run,
-they become rows of ``errors.csv``.
+Exit codes: 0 the run completed (files that failed are counted and listed in ``errors.csv``);
+2 a usage, input or config error (one line on stderr naming the path or key); 3 the input held
+files but none could be used; 1 anything else (a service that failed: one line; a bug: a traceback).
 """
 
 from __future__ import annotations
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         return handler(args)
     except LungEffNetError as exc:  # bad input, bad config, unreachable service: one line; anything else is a bug
         print(f"lung-effnet {args.command}: error: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return 2
+        return exc.exit_code
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ whose move it is:
 - ``ConfigError``: a setting is out of range or unknown; the message names the key and the value.
 - ``ServiceError``: a service the run needs (the MLflow tracking server or store) cannot be reached.
 
-The CLI prints these as one line and exits with code 2; anything else is a bug and keeps its traceback.
+The CLI prints these as one line and exits with the error's ``exit_code``: 2 for input and config
+errors (fix the command), 3 when the input held files but none could be used (``NoUsableInputError``),
+1 for a service that failed. Anything else is a bug: it keeps its traceback and exits 1.
 The concrete classes below subclass ``ValueError`` or ``RuntimeError`` as well, so code written against
 the built-in types keeps working.
 """
@@ -18,6 +20,9 @@ from __future__ import annotations
 
 class LungEffNetError(Exception):
     """Base of all errors lung-effnet raises on purpose (bad input, bad config, unreachable service)."""
+
+    exit_code = 2
+    """What the ``lung-effnet`` command exits with when this error ends it."""
 
 
 class InputError(LungEffNetError, ValueError):
@@ -31,9 +36,18 @@ class ConfigError(LungEffNetError, ValueError):
 class ServiceError(LungEffNetError, RuntimeError):
     """A service the run needs cannot be reached or refuses the request."""
 
+    exit_code = 1
+
 
 class MissingInputError(InputError, FileNotFoundError):
     """A file, folder, model or run that was named does not exist or lacks what the step needs."""
+
+
+class NoUsableInputError(InputError):
+    """The input held files, but not one could be used (every file failed or was skipped). The
+    outputs that account for each file (``files.csv``, ``errors.csv``) are written before it is raised."""
+
+    exit_code = 3
 
 
 class UsageError(InputError):
