@@ -11,6 +11,7 @@ and prints a table. ``PATIENTS`` (environment) sets the number of phantom patien
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from pathlib import Path
@@ -27,7 +28,11 @@ from lung_effnet.explain.trained_run import load_run  # noqa: E402
 from tests import easy_run as easy_phantoms  # noqa: E402
 
 if __name__ == "__main__":
-    out, overrides = Path(sys.argv[1]), tuple(sys.argv[2:]) + ("report.enabled=false",)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path, help="output folder for the phantoms, the run and its cache")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.epochs=15")
+    args = parser.parse_args()
+    out, overrides = args.out, tuple(args.overrides) + ("report.enabled=false",)
     result = easy_phantoms.easy_run(out, overrides, int(os.environ.get("PATIENTS", easy_phantoms.N_PATIENTS)))
     run = load_run(result["run"])
     oof = result["summary"]["oof"]

@@ -4,6 +4,9 @@ module's private names, and the stages depend on each other only along the data 
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lung_effnet
@@ -128,9 +131,6 @@ def test_package_does_not_import_pipelines():
 
 
 def test_public_api_names_resolve_and_import_stays_light():
-    import subprocess
-    import sys
-
     for name in lung_effnet.__all__:
         assert getattr(lung_effnet, name) is not None, name
     code = "import sys, lung_effnet; print('torch' in sys.modules, 'monai' in sys.modules)"
@@ -150,3 +150,22 @@ def test_benchmark_scripts_import_what_exists():
             imported = importlib.import_module(module)
             for name in names:
                 assert hasattr(imported, name) or importlib.util.find_spec(f"{module}.{name}"), f"{path.name}: {module}.{name}"
+
+
+def test_benchmark_scripts_answer_help_without_side_effects(tmp_path):
+    """``python benchmarks/X.py --help`` prints usage and writes nothing (a script that took its
+    first argument as the output folder once trained a run into a folder named ``--help``)."""
+    scripts = sorted(str(p) for p in (PACKAGE.parent / "benchmarks").glob("*.py"))
+    code = ("import contextlib, io, runpy, sys\n"
+            "for script in sys.argv[1:]:\n"
+            "    sys.argv = [script, '--help']\n"
+            "    try:\n"
+            "        with contextlib.redirect_stdout(io.StringIO()):\n"
+            "            runpy.run_path(script, run_name='__main__')\n"
+            "    except SystemExit as exc:\n"
+            "        assert exc.code in (0, None), (script, exc.code)\n"
+            "    else:\n"
+            "        raise AssertionError(script + ': --help did not exit')\n")
+    subprocess.run([sys.executable, "-c", code, *scripts], cwd=tmp_path, check=True, timeout=120,
+                   env={**os.environ, "PYTHONPATH": str(PACKAGE.parent)})
+    assert list(tmp_path.iterdir()) == []
