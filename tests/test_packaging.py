@@ -54,6 +54,9 @@ def test_wheel_holds_the_package_and_its_configs_not_the_scripts(installed):
     assert "lung_effnet/configs/demo_cpu.yaml" in names and "lung_effnet/configs/default.yaml" in names
     assert any(n.startswith("lung_effnet/models/weights/") and n.endswith(".pt") for n in names)
     assert not any(n.startswith(("pipelines/", "tests/")) for n in names)
+    # pyproject.toml lists the packages by hand (configs/ is mapped in): every subpackage must be there
+    for init in (ROOT / "lung_effnet").rglob("__init__.py"):
+        assert init.relative_to(ROOT).as_posix() in names, f"{init.parent.name} missing from [tool.setuptools] packages"
 
 
 def test_installed_cli_and_named_config_work_outside_the_checkout(installed, tmp_path):
