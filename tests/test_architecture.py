@@ -169,3 +169,18 @@ def test_benchmark_scripts_answer_help_without_side_effects(tmp_path):
     subprocess.run([sys.executable, "-c", code, *scripts], cwd=tmp_path, check=True, timeout=120,
                    env={**os.environ, "PYTHONPATH": str(PACKAGE.parent)})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_repository_tracks_only_the_project_layout():
+    """Nothing a run writes gets committed at the top level (a run once landed in ``./--help``)."""
+    import shutil
+
+    root = PACKAGE.parent
+    if shutil.which("git") is None or not (root / ".git").exists():
+        import pytest
+
+        pytest.skip("not a git checkout")
+    tracked = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True).stdout.split("\n")
+    top = {line.split("/")[0] for line in tracked if line}
+    assert top <= {".ci", ".gitignore", "CHANGELOG.md", "CONTRIBUTING.md", "Makefile", "README.md", "benchmarks", "configs",
+                   "lung_effnet", "notebooks", "pipelines", "pyproject.toml", "tests"}, top
