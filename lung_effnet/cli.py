@@ -11,9 +11,11 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 
-from lung_effnet.errors import LungEffNetError, UsageError
+from lung_effnet.errors import LungEffNetError, NoUsableInputError, UsageError
+from lung_effnet.tracking import disable_telemetry
 from lung_effnet.version import __version__
 
 log = logging.getLogger("lung_effnet")
@@ -53,6 +55,12 @@ def _add_ingest(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder (created)")
     p.add_argument("--labels", type=Path, help="labels CSV for a DICOM/NIfTI tree: label + series_uid, path, study_id or patient_id")
     p.add_argument("--nifti", action="store_true", help="also write each series as nifti/<series>.nii.gz")
+    _add_pseudonymize_uids(p)
+
+
+def _add_pseudonymize_uids(p) -> None:
+    p.add_argument("--pseudonymize-uids", type=Path, metavar="KEYFILE",
+                   help="replace every Study / Series Instance UID in the outputs by a keyed pseudonym (2.25.<HMAC-SHA256 of the UID>, stable for one key) for outputs that leave the hospital; KEYFILE holds the secret key (at least 16 characters), which is never written; paths are not renamed")
 
 
 def _add_overrides_and_tracking(p) -> None:
@@ -119,6 +127,7 @@ def _add_score(sub) -> None:
     p.add_argument("--input", type=Path, required=True, help="folder of DICOM / NIfTI / image files (any layout)")
     p.add_argument("--out", type=Path, required=True, help="output folder (created; reused to resume)")
     p.add_argument("--saliency", action="store_true", help="also write reports/<series>.html: Grad-CAM on the key slices")
+    _add_pseudonymize_uids(p)
     p.add_argument("--batch-size", type=int, default=32, help="slices per forward pass (default: 32)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: auto (CUDA when available)")
     p.add_argument("--workers", type=int, default=None,
@@ -180,8 +189,16 @@ def cmd_ingest(args) -> int:
 
     if args.labels is not None and not args.labels.is_file():
         raise UsageError(f"--labels: file not found: {args.labels}")
-    result = ingest(args.source, args.out, labels_csv=args.labels, write_nifti=args.nifti, progress=not args.quiet)
+    result = ingest(args.source, args.out, labels_csv=args.labels, write_nifti=args.nifti, progress=not args.quiet,
+                    pseudonymize_uids=args.pseudonymize_uids)
+    n_files = sum(result.ledger.counts().values())
+    if n_files == 0:
+        raise UsageError(f"SOURCE: no files found in {args.source}")
     print_ingest_summary(result.summary(), args.out)
+    usable = len(result.rows) if result.has_labels else sum(s["status"] in ("ok", "incomplete") for s in result.series)
+    if usable == 0:  # the outputs that say why are written
+        raise NoUsableInputError(f"none of the {n_files} input file(s) gave a usable "
+                                 f"{'labelled sample' if result.has_labels else 'series or image'}: see {args.out / 'errors.csv'}")
     return 0
 
 
@@ -227,10 +244,17 @@ def cmd_score(args) -> int:
         raise UsageError(f"--input: not found: {args.input}")
     if not is_model_uri(args.model) and not Path(args.model).exists():
         raise UsageError(f"--model: not found: {args.model}")
+    source, out = args.input.resolve(), args.out.resolve()
+    if source.is_dir() and (out == source or source.is_relative_to(out)):
+        raise UsageError(f"--out: {args.out} is or holds --input {args.input}: outputs would mix with the archive; "
+                         "give a folder outside --input (or one inside it)")
     summary = score_archive(args.model, args.input, args.out, batch_size=args.batch_size, device=args.device,
-                            workers=args.workers, saliency=args.saliency, progress=not args.quiet)
+                            workers=args.workers, saliency=args.saliency, progress=not args.quiet,
+                            pseudonymize_uids=args.pseudonymize_uids)
     counts, run = summary["counts"], summary["run"]
     files = counts["files"]
+    if files["total"] == 0:
+        raise UsageError(f"--input: no files found in {args.input}")
     print()
     print(format_table(["series", "count"], [["scored", counts["series_scored"]], ["incomplete (scored)", counts["series_incomplete"]],
                                              ["failed", counts["series_failed"]],
@@ -242,6 +266,8 @@ def cmd_score(args) -> int:
           f"in {run['wall_s']:.1f} s ({run['slices_per_s']:.1f} slices/s, {run['series_per_min']:.1f} series/min) on {run['device']}")
     print(f"Outputs in {args.out}: predictions.csv, slice_scores.csv, files.csv, errors.csv, summary.json"
           + (", reports/" if args.saliency else ""))
+    if files["used"] == 0:  # after the outputs that say why
+        raise NoUsableInputError(f"none of the {files['total']} input file(s) could be scored: see {args.out / 'errors.csv'}")
     return 0
 
 
@@ -272,14 +298,37 @@ def cmd_report(args) -> int:
 
 
 def _check_out(out: Path | str | None) -> None:
-    """``--out`` (or ``OUT``) must be a folder or not exist yet, nor lie under a file."""
+    """``--out`` (or ``OUT``) must be a folder or not exist yet, nor lie under a file, and this
+    process must be able to create it and write in it: checked before any work, so that a run
+    does not read a whole archive to fail at its first write."""
     if out is None:
         return
-    for path in (Path(out), *Path(out).parents):
-        if path.exists():
-            if not path.is_dir():
-                raise UsageError(f"--out: not a folder: {path}" + ("" if path == Path(out) else f" (in {out})"))
-            return
+    out = Path(out)
+    try:
+        for path in (out, *out.parents):
+            if path.exists():
+                if not path.is_dir():
+                    raise UsageError(f"--out: not a folder: {path}" + ("" if path == out else f" (in {out})"))
+                break
+        _try_writing(out)
+    except OSError as exc:
+        raise UsageError(f"--out: cannot write to {out}: {exc.strerror or type(exc).__name__}") from None
+
+
+def _try_writing(out: Path) -> None:
+    """Create ``out`` (and missing parents) and a file in it; remove all that this created."""
+    created: list[Path] = []
+    try:
+        for path in (*reversed(out.parents), out):
+            if not path.exists():
+                path.mkdir()
+                created.append(path)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".lung-effnet-write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    finally:
+        for path in reversed(created):
+            path.rmdir()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     # MLflow's INFO lines (store creation, migrations) are noise here; MLflow sets its level when first
     # imported, which happens later, so it is told through its own variable (a user's setting wins).
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    disable_telemetry()  # no usage telemetry from MLflow, in this process and those it starts (README, Privacy)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     handler = {"synth": cmd_synth, "ingest": cmd_ingest, "train": cmd_train, "pretrain": cmd_pretrain, "score": cmd_score,
                "demo": cmd_demo,

@@ -9,6 +9,8 @@ the command line use dotted keys: ``--set train.epochs=3 --set model.name=effici
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +18,8 @@ from pathlib import Path
 import yaml
 
 from lung_effnet.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 CONFIG_PACKAGE = "lung_effnet.configs"
 """The named configs (``default``, ``paper_b1``, ``demo_cpu``): the top-level ``configs/`` folder, installed
@@ -93,7 +97,6 @@ class TrainConfig:
     val_fraction: float = 0.1              # of each fold's training patients, for early stopping
     amp: bool = True                       # bf16 autocast on CUDA; CPU always runs fp32
     channels_last: bool = True             # NHWC memory format on CUDA and CPU (CPU math stays fp32)
-    num_workers: int = 0
     device: str = "auto"                   # "auto", "cpu" or "cuda"
 
 
@@ -109,6 +112,8 @@ class TrackingConfig:
     tracking_uri: str | None = None        # None: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here
     register_model: str | None = None      # registry name for the fold ensemble; None: not registered
     alias: str = "candidate"
+    timeout_s: int = 20                    # seconds an MLflow HTTP call (and the start-up check) waits for an answer
+    retries: int = 2                       # retries of a failed MLflow HTTP call (MLflow's own default is 7)
 
 
 @dataclass
@@ -147,7 +152,9 @@ class Config:
 
 @dataclass(frozen=True)
 class Range:
-    """Numbers from ``lo`` to ``hi`` (``None``: unbounded); ``open_lo`` / ``open_hi`` exclude the ends."""
+    """Finite numbers from ``lo`` to ``hi`` (``None``: unbounded); ``open_lo`` / ``open_hi`` exclude the
+    ends. NaN and +-inf are never admitted: no setting means anything at them, and an unbounded rule
+    (``train.weight_decay``) would otherwise let ``.inf`` through to the optimizer."""
 
     lo: float | None = None
     hi: float | None = None
@@ -163,7 +170,7 @@ class Range:
         return f"{'(' if self.open_lo or self.lo is None else '['}{lo}, {hi}{')' if self.open_hi or self.hi is None else ']'}"
 
     def admits(self, value: object) -> bool:
-        if not isinstance(value, (int, float)) or value != value:  # the types are checked first; NaN is out
+        if not isinstance(value, (int, float)) or not math.isfinite(value):  # the types are checked first
             return False
         above = self.lo is None or (value > self.lo if self.open_lo else value >= self.lo)
         below = self.hi is None or (value < self.hi if self.open_hi else value <= self.hi)
@@ -204,7 +211,7 @@ HU = Range(-1100, 4000)                  # the range a CT scanner stores (air -1
 
 RULES: dict[str, Range | OneOf | Text] = {
     "seed": Range(0, 2**32 - 1),  # numpy and scikit-learn seeds
-    "data.image_size": Range(16, 2048),
+    "data.image_size": Range(32, 2048),  # EfficientNet downsamples 32x: below 32 px its last stage sees a 1 x 1 map
     "data.window_center": HU,
     "data.window_width": Range(1, 5000),
     "data.spacing_mm": Range(0, 20, open_lo=True),
@@ -245,7 +252,6 @@ RULES: dict[str, Range | OneOf | Text] = {
     "train.val_fraction": FRACTION,
     "train.amp": ANY_BOOL,
     "train.channels_last": ANY_BOOL,
-    "train.num_workers": Range(0, 256),
     "train.device": OneOf(("auto", "cpu", "cuda")),
     "cv.folds": Range(2, 100),
     "cv.test_fraction": FRACTION,
@@ -253,12 +259,23 @@ RULES: dict[str, Range | OneOf | Text] = {
     "tracking.tracking_uri": Text(nonempty=True),
     "tracking.register_model": Text(nonempty=True),
     "tracking.alias": Text(nonempty=True),
+    "tracking.timeout_s": Range(1, 3600),
+    "tracking.retries": Range(0, 10),  # MLflow refuses more than 10 (MLFLOW_HTTP_REQUEST_MAX_RETRIES_LIMIT)
     "report.enabled": ANY_BOOL,
     "report.top": Range(1, 100),
     "report.method": OneOf(("gradcam", "gradcampp")),
 }
 """The allowed values of every config key (``None`` is allowed where the type says ``| None``);
 ``from_dict`` checks each one after the types, and a test checks that every key has a rule."""
+
+REMOVED_KEYS: dict[str, tuple[object, str]] = {
+    "train.num_workers": (0, "it was never used: slices are preprocessed once into the cache and training "
+                             "reads them from memory, so there is no data loader to give workers to"),
+}
+"""Keys that existed once, with their old default and why they went. A config (or a model folder's
+``config.yaml``) that still has one loads: the key is ignored, silently at its old default (every
+saved model folder and copy of ``default.yaml`` holds it), with a warning naming it otherwise.
+Refusing such a config would stop runs whose result the key never changed."""
 
 
 def _coerce(key: str, value, hint):
@@ -287,13 +304,28 @@ def _coerce(key: str, value, hint):
 def _check_ranges(cfg: Config) -> None:
     for key, value in cfg.flat().items():
         rule = RULES[key]
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}: must be a finite number{f' in {rule}' if isinstance(rule, Range) else ''}, got {value!r}")
         if value is not None and not rule.admits(value):
             raise ConfigError(f"{key}: must be {rule}, got {value!r}")
 
 
+def _drop_removed_keys(raw: dict) -> dict:
+    """``raw`` without the ``REMOVED_KEYS`` (see there), warning about each one set to another value."""
+    raw = dict(raw)
+    for key, (old_default, why) in REMOVED_KEYS.items():
+        section, name = key.split(".")
+        if isinstance(raw.get(section), dict) and name in raw[section]:
+            raw[section] = dict(raw[section])
+            value = raw[section].pop(name)
+            if value != old_default:
+                log.warning("%s: removed, ignored (got %r): %s", key, value, why)
+    return raw
+
+
 def from_dict(raw: dict | None) -> Config:
     """Build a validated ``Config`` from nested dicts (missing keys take defaults)."""
-    raw = dict(raw or {})
+    raw = _drop_removed_keys(raw or {})
     if isinstance(raw.get("data"), dict) and "crop_to_body" in raw["data"]:
         # model folders written before data.crop existed: crop_to_body true/false meant body/none
         data = dict(raw["data"])

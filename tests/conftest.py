@@ -55,3 +55,19 @@ def saliency_run(tmp_path_factory, easy_run) -> dict:
     return easy_run(tmp_path_factory.getbasetemp() / "saliency-run")
 
 
+@pytest.fixture
+def unprivileged(tmp_path) -> Iterator[tuple[Callable, Path]]:
+    """``(run, base)``: ``run(args)`` runs ``lung-effnet *args`` in a subprocess that file permissions
+    apply to (``tests/unprivileged.py``); ``base``: a folder it can reach. Skipped where impossible."""
+    import shutil
+
+    from tests.unprivileged import base_dir, runner
+
+    found = runner()
+    if found is None:
+        pytest.skip("cannot run without permission-bypassing capabilities: no capsh (libcap2-bin), no user nobody")
+    run, how = found
+    base = base_dir(how, tmp_path)
+    yield run, base
+    if base != tmp_path:
+        shutil.rmtree(base, ignore_errors=True)

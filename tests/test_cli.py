@@ -85,3 +85,36 @@ def test_a_bug_is_not_dressed_as_a_user_error(monkeypatch):
     monkeypatch.setattr(cli, "cmd_synth", broken)
     with pytest.raises(ValueError, match="a bug"):
         cli.main(["synth", "somewhere"])
+
+
+def test_train_on_a_source_with_nothing_usable_is_one_line(tmp_path, capsys):
+    import numpy as np
+
+    from lung_effnet.io.volume import canonical_affine, write_nifti
+
+    hu = np.full((3, 16, 16), np.nan, np.float32)
+    write_nifti(tmp_path / "d" / "nan.nii.gz", hu, canonical_affine((1.0, 1.0, 1.0)), dtype=np.float32)
+    (tmp_path / "d" / "labels.csv").write_text("path,label\nnan.nii.gz,malignant\n")
+    code = main(["train", "-q", "--data", str(tmp_path / "d"), "--labels", str(tmp_path / "d" / "labels.csv"),
+                 "--out", str(tmp_path / "o"), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code in (2, 3) and len(err) == 1 and "no usable" in err[0], err
+
+
+@pytest.mark.parametrize("command", [
+    lambda t, out: ["ingest", str(t), "--out", str(out)],
+    lambda t, out: ["score", "--model", str(t), "--input", str(t), "--out", str(out)],
+    lambda t, out: ["train", "--data", str(t), "--out", str(out)],
+], ids=["ingest", "score", "train"])
+def test_an_unwritable_out_is_one_line_before_any_work(unprivileged, command):
+    """Checked at the start (it used to be a traceback, for ingest after reading the whole source)."""
+    run, base = unprivileged
+    (base / "ro").mkdir()
+    (base / "ro").chmod(0o555)
+    try:
+        done = run(command(base, base / "ro" / "new" / "out"))
+    finally:
+        (base / "ro").chmod(0o755)
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(err) == 1, done.stderr
+    assert f"--out: cannot write to {base / 'ro' / 'new' / 'out'}: Permission denied" in err[0]

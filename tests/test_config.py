@@ -1,4 +1,6 @@
+import dataclasses
 import re
+import typing
 from pathlib import Path
 
 import pytest
@@ -85,3 +87,61 @@ def test_each_key_rejects_values_outside_its_range_and_names_key_and_value(key):
         text = str(err.value)
         assert text.startswith(f"{key}:") and "\n" not in text, text
         assert str(bad).strip() in text or repr(bad) in text or f"{float(bad):g}" in text, text
+
+
+def _float_keys() -> list[str]:
+    """Keys typed ``float`` or ``float | None``."""
+    keys = []
+    for section, hint in typing.get_type_hints(Config).items():
+        fields = typing.get_type_hints(hint) if dataclasses.is_dataclass(hint) else {"": hint}
+        for name, field_hint in fields.items():
+            if field_hint is float or float in typing.get_args(field_hint):
+                keys.append(f"{section}.{name}" if name else section)
+    return sorted(keys)
+
+
+FLOAT_KEYS = _float_keys()
+
+
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+@pytest.mark.parametrize("value", [".nan", "nan", ".inf", "-.inf", "inf"])
+def test_non_finite_numbers_are_refused_naming_the_key(key, value):
+    """NaN and +-inf pass no range (an unbounded one like ``train.weight_decay`` let ``.inf`` through
+    to the optimizer); the error is one line that names the key and says why."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"{key}={value}"])
+    text = str(err.value)
+    assert text.startswith(f"{key}: must be a finite number") and "\n" not in text, text
+
+
+def test_unbounded_float_keys_exist_to_be_checked():
+    """The table above must cover keys whose range has no upper end (where inf was admitted)."""
+    assert {"train.weight_decay", "augment.mixup_alpha", "train.lesion_loss_weight", "data.spacing_mm",
+            "model.dropout"} <= set(FLOAT_KEYS)
+
+
+@pytest.mark.parametrize("size", ["1", "16", "31"])
+def test_image_size_below_32_is_a_one_line_cli_error(tmp_path, capsys, size):
+    """EfficientNet downsamples 32x; smaller inputs used to train into a misleading leakage error."""
+    from lung_effnet.cli import main
+
+    code = main(["train", "-q", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--set", f"data.image_size={size}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "data.image_size: must be [32, 2048]" in err[0] and f"got {size}" in err[0], err[0]
+
+
+def test_removed_num_workers_is_ignored_with_a_warning_when_set(tmp_path, caplog):
+    """``train.num_workers`` was never read: old configs and model folders still load; a value other
+    than the old default 0 says that it is ignored and why."""
+    assert "train.num_workers" not in Config().flat() and "train.num_workers" not in RULES
+    with caplog.at_level("WARNING", logger="lung_effnet.config"):
+        cfg = load_config(None, ["train.num_workers=0"])
+    assert cfg == Config() and not caplog.records
+    old = tmp_path / "old.yaml"
+    old.write_text("train:\n  num_workers: 8\n  epochs: 3\n")
+    with caplog.at_level("WARNING", logger="lung_effnet.config"):
+        cfg = load_config(old)
+    assert cfg.train.epochs == 3
+    (record,) = caplog.records
+    assert "train.num_workers: removed, ignored (got 8)" in record.getMessage() and "never used" in record.getMessage()

@@ -31,7 +31,8 @@ class TrainedRun:
         oof: rows of ``oof_predictions.csv`` (``path, patient_id, fold, label, p_<class>, slice_index, ...``).
         manifest: rows of the run's ``ingest/manifest.csv`` (paths absolute), every row training saw.
         summary: ``cv_summary.json`` (empty when the run folder has none yet).
-        folder: the local folder holding these files (the run folder, or a download of its artifacts).
+        folder: the run folder holding these files; ``None`` for a run read from MLflow (its files were
+            downloaded, read and the download removed).
         parent_run_id, tracking_uri: the MLflow parent run, when known.
     """
 
@@ -39,7 +40,7 @@ class TrainedRun:
     oof: list[dict]
     manifest: list[dict]
     summary: dict
-    folder: Path
+    folder: Path | None
     parent_run_id: str | None = None
     tracking_uri: str | None = None
 
@@ -53,18 +54,13 @@ class TrainedRun:
 
 
 def _read_csv(path: Path) -> list[dict]:
-    import csv
+    from lung_effnet.io.ledger import read_csv_rows  # cells as train wrote them, spreadsheet quoting undone
 
-    with open(path, newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
+    return read_csv_rows(path)
 
 
-def _download_run(run_id: str, tracking_uri: str | None) -> tuple[Path, dict]:
-    import tempfile
-
-    folder = Path(tempfile.mkdtemp(prefix=f"lung-effnet-run-{run_id[:8]}-"))
-    download_run_files(run_id, ("cv_summary.json", "oof_predictions.csv", "ingest/manifest.csv"), folder, tracking_uri)
-    return folder, json.loads((folder / "cv_summary.json").read_text())
+RUN_FILES = ("cv_summary.json", "oof_predictions.csv", "ingest/manifest.csv")
+"""What ``load_run`` reads of a run in MLflow (besides its logged model)."""
 
 
 def load_run(run: str | Path | None = None, tracking_uri: str | None = None) -> TrainedRun:
@@ -75,26 +71,28 @@ def load_run(run: str | Path | None = None, tracking_uri: str | None = None) -> 
         MissingInputError: no such folder or run, or it lacks the outputs a report needs.
     """
     import os
+    import tempfile
 
+    from lung_effnet.ingest.manifest import read_manifest
     from lung_effnet.models.predictor import load_model
 
     run = run or os.environ.get("LUNG_EFFNET_RUN") or latest_train_run_id(tracking_uri)
     folder = Path(run)
     if not folder.is_dir() and (os.sep in str(run) or "/" in str(run) or str(run).startswith(".") or folder.exists()):
         raise MissingInputError(f"--run: not a train output folder or an MLflow run id: {run}")
-    if folder.is_dir():
-        for name in ("oof_predictions.csv", "model", "ingest/manifest.csv"):
-            if not (folder / name).exists():
-                raise MissingInputError(f"{folder}: not a finished train run (no {name})")
-        summary = json.loads((folder / "cv_summary.json").read_text()) if (folder / "cv_summary.json").exists() else {}
-        predictor = load_model(folder / "model")
-        state = json.loads((folder / "mlflow_run.json").read_text()) if (folder / "mlflow_run.json").exists() else {}
-        parent, uri = state.get("parent_run_id"), summary.get("mlflow", {}).get("tracking_uri", tracking_uri)
-    else:
-        folder, summary = _download_run(str(run), tracking_uri)
+    if not folder.is_dir():  # a run id: read into memory from a temporary download, removed before returning
+        with tempfile.TemporaryDirectory(prefix=f"lung-effnet-run-{str(run)[:8]}-") as tmp:
+            download_run_files(str(run), RUN_FILES, Path(tmp), tracking_uri)
+            summary = json.loads((Path(tmp) / "cv_summary.json").read_text())
+            oof, manifest = _read_csv(Path(tmp) / "oof_predictions.csv"), read_manifest(Path(tmp) / "ingest" / "manifest.csv")
         predictor = load_model(summary["mlflow"]["model_uri"])
-        parent, uri = str(run), summary["mlflow"]["tracking_uri"]
-    from lung_effnet.ingest.manifest import read_manifest
-
+        return TrainedRun(predictor, oof, manifest, summary, None, str(run), summary["mlflow"]["tracking_uri"])
+    for name in ("oof_predictions.csv", "model", "ingest/manifest.csv"):
+        if not (folder / name).exists():
+            raise MissingInputError(f"{folder}: not a finished train run (no {name})")
+    summary = json.loads((folder / "cv_summary.json").read_text()) if (folder / "cv_summary.json").exists() else {}
+    predictor = load_model(folder / "model")
+    state = json.loads((folder / "mlflow_run.json").read_text()) if (folder / "mlflow_run.json").exists() else {}
+    parent, uri = state.get("parent_run_id"), summary.get("mlflow", {}).get("tracking_uri", tracking_uri)
     return TrainedRun(predictor, _read_csv(folder / "oof_predictions.csv"), read_manifest(folder / "ingest" / "manifest.csv"),
                       summary, folder, parent, uri)

@@ -8,7 +8,9 @@ Columns: ``path,label,patient_id`` and the optional ``study_id,series_uid,slice_
 - ``patient_id``: a keyed pseudonym (``P-`` + 16 hex digits, see ``privacy``), or empty when the
   source has no patient ids (then every row is its own group and CV estimates are slice-level).
 - ``slice_index``: for volumes and DICOM series, the slice's index in the canonical (z up) order of
-  its series; empty for 2D images. ``mask_path`` is a lesion mask with the same geometry.
+  its series; empty for 2D images. ``mask_path`` is a lesion mask with the same geometry: a 2D image
+  of the slice's size, or a NIfTI volume whose slice ``slice_index`` (0 for a 2D sample) has the
+  slice's size; values 0 / 1, 0 / 255 or boolean. Ingest checks each one (``MaskCheck``).
 """
 
 from __future__ import annotations
@@ -18,9 +20,13 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
+
 from lung_effnet.classes import CLASSES
 from lung_effnet.errors import ManifestError
-from lung_effnet.io.ledger import Ledger, write_csv
+from lung_effnet.io.images2d import is_image_2d, read_image_2d
+from lung_effnet.io.ledger import Ledger, csv_value, write_csv
+from lung_effnet.io.nifti import read_nifti
 from lung_effnet.io.privacy import pseudonym
 
 REQUIRED_COLUMNS = ("path", "label", "patient_id")
@@ -45,17 +51,30 @@ def pseudonymize_patient(raw: str) -> str:
 
 
 def read_table(path: str | Path, required: tuple[str, ...]) -> list[dict]:
-    """Read a CSV into dicts with stripped cells; stop with one line if a column is missing."""
+    """Read a CSV into dicts with stripped cells; stop with one line if a column is missing. Cells
+    that ``write_csv`` protected from spreadsheets (``'=...``) read back as written (``io.ledger.csv_value``)."""
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"{path}: file not found")
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        columns = [c.strip() for c in (reader.fieldnames or [])]
-        missing = [c for c in required if c not in columns]
-        if missing:
-            raise ManifestError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(columns) or 'none'}")
-        return [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            columns = [c.strip() for c in (reader.fieldnames or [])]
+            missing = [c for c in required if c not in columns]
+            if missing:
+                raise ManifestError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(columns) or 'none'}")
+            return [{k.strip(): csv_value((v or "").strip()) for k, v in row.items() if k} for row in reader]
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{path}: not UTF-8 text ({_encoding_hint(path)}byte 0x{exc.object[exc.start]:02x}: "
+                            f"{exc.reason}); save it as CSV UTF-8") from None
+    except csv.Error as exc:  # NUL bytes: a UTF-16 file without a byte-order mark, or not text at all
+        raise ManifestError(f"{path}: not a CSV text file ({exc}); save it as CSV UTF-8") from None
+
+
+def _encoding_hint(path: Path) -> str:
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    return "UTF-16, by its byte-order mark; " if head in (b"\xff\xfe", b"\xfe\xff") else ""
 
 
 def read_manifest(path: str | Path) -> list[dict]:
@@ -76,6 +95,78 @@ def read_manifest(path: str | Path) -> list[dict]:
 
 def write_manifest(path: str | Path, rows: list[dict]) -> Path:
     return write_csv(path, MANIFEST_COLUMNS, rows)
+
+
+def mask_values_problem(mask: np.ndarray) -> str | None:
+    """Why ``mask`` is not a binary lesion mask (its non-zero values must all be 1, or all 255), or
+    ``None``. A label map (1, 2, 3...), a grey image or a NaN is refused rather than thresholded:
+    training reads ``mask > 0``, which would turn any of them into a lesion where there is none."""
+    values = mask[mask != 0]
+    if values.size == 0 or (values[0] in (1, 255) and (values == values[0]).all()):
+        return None
+    found = np.unique(values[:100_000])[:4]
+    return f"not a binary mask: values other than 0 and 1 (or 0 and 255), e.g. {', '.join(f'{v:g}' for v in found)}"
+
+
+class MaskCheck:
+    """Checks the lesion mask (``mask_path``) of manifest rows against their samples, reading each
+    mask file once.
+
+    A mask that cannot be used (not readable as an image or NIfTI volume, another size than its
+    slice, a slice index it lacks, values that are not binary) becomes a ``failed`` ledger row for
+    the mask file (stage ``mask``, with the reason) and the sample is kept *without* a mask: the
+    image and its label are still good, and training then simply leaves the sample out of the
+    lesion loss (``training.lesion_loss``). The mask file itself gets no ``used`` row here.
+    """
+
+    def __init__(self, ledger: Ledger, rel):
+        self.ledger, self.rel = ledger, rel
+        self._files: dict[str, tuple[tuple[int, ...], str | None]] = {}  # path -> (shape, problem of the file)
+
+    def check(self, row: dict, plane_shape: tuple[int, ...]) -> None:
+        """Clear ``row["mask_path"]`` (and record why) when it does not fit ``plane_shape``, the ``(H, W)``
+        of the row's sample."""
+        path = row.get("mask_path") or ""
+        if not path:
+            return
+        problem = self.problem(path, row.get("slice_index"), tuple(plane_shape))
+        if problem:
+            sample = self.rel(row["path"])
+            self.ledger.failed(self.rel(path), "mask", f"{problem} (for {sample}): the sample is used without a mask"[:400],
+                               row.get("series_uid", ""))
+            row["mask_path"] = ""
+
+    def problem(self, path: str, slice_index, plane_shape: tuple[int, ...]) -> str | None:
+        shape, problem = self._file(path)
+        if problem:
+            return problem
+        if len(shape) == 2:
+            return None if shape == plane_shape else f"mask size {_size(shape)} differs from its image's {_size(plane_shape)}"
+        k = int(slice_index) if str(slice_index or "").strip() else 0
+        if not 0 <= k < shape[0]:
+            return f"mask has no slice {k} (it has {shape[0]})"
+        return None if shape[1:] == plane_shape else f"mask slice size {_size(shape[1:])} differs from its image's {_size(plane_shape)}"
+
+    def _file(self, path: str) -> tuple[tuple[int, ...], str | None]:
+        if path not in self._files:
+            self._files[path] = _read_mask_file(path)
+        return self._files[path]
+
+
+def _size(shape: tuple[int, ...]) -> str:
+    return " x ".join(map(str, shape))
+
+
+def _read_mask_file(path: str) -> tuple[tuple[int, ...], str | None]:
+    """``(shape, problem)`` of a mask file: ``(H, W)`` for a 2D image, ``(Z, Y, X)`` for a NIfTI volume."""
+    if not Path(path).is_file():
+        return (), "mask file not found"
+    try:
+        mask = read_image_2d(path) if is_image_2d(path) else read_nifti(path).hu
+    except Exception as exc:  # not an image nor a NIfTI volume (a text file, a truncated file): one reason
+        kind = "an image" if is_image_2d(path) else "a NIfTI volume"
+        return (), f"mask not readable as {kind}: {type(exc).__name__}: {exc}"[:300]
+    return mask.shape, mask_values_problem(mask)
 
 
 def validate_rows(rows: list[dict], ledger: Ledger, rel, content_hash=None) -> list[dict]:

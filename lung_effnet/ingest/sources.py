@@ -28,13 +28,23 @@ import numpy as np
 from lung_effnet.classes import CLASSES
 from lung_effnet.errors import MissingInputError
 from lung_effnet.ingest.labels import LabelTable
-from lung_effnet.ingest.manifest import drop_duplicate_content, normalize_label, read_manifest, validate_rows, write_manifest
-from lung_effnet.io.dicom_index import index_dicom_tree, list_files, relative_name
+from lung_effnet.ingest.manifest import (
+    MaskCheck,
+    drop_duplicate_content,
+    mask_values_problem,
+    normalize_label,
+    read_manifest,
+    validate_rows,
+    write_manifest,
+)
+from lung_effnet.io.dicom_index import index_dicom_tree, record_walk_problems, relative_name, walk_files
 from lung_effnet.io.dicom_series import load_series
 from lung_effnet.io.images2d import is_image_2d, read_image_2d
 from lung_effnet.io.ledger import Ledger, write_csv
+from lung_effnet.io.names import safe_file_name
 from lung_effnet.io.nifti import is_nifti, read_nifti
 from lung_effnet.io.planes import read_sample_plane
+from lung_effnet.io.privacy import UidPseudonyms, warn_uid_like_paths
 from lung_effnet.io.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -92,8 +102,11 @@ def has_class_folders(root: Path) -> bool:
 
 
 def ingest(source: str | Path, out_dir: str | Path, labels_csv: str | Path | None = None,
-           write_nifti: bool = False, progress: bool = True) -> IngestResult:
+           write_nifti: bool = False, progress: bool = True, pseudonymize_uids: str | Path | None = None) -> IngestResult:
     """Run the ingest stage and write its files (see module docstring).
+
+    ``pseudonymize_uids``: a key file; every ``series_uid`` that is a DICOM UID and every ``study_id``
+    in the outputs (and the NIfTI file names) becomes its keyed pseudonym (``io.privacy.UidPseudonyms``).
 
     Raises:
         FileNotFoundError: ``source`` or ``labels_csv`` does not exist.
@@ -106,15 +119,20 @@ def ingest(source: str | Path, out_dir: str | Path, labels_csv: str | Path | Non
     # folder, so a path relative to the working directory would point nowhere when read back).
     source = source.resolve()
     out_dir = Path(out_dir)
+    uids = UidPseudonyms.from_key_file(pseudonymize_uids) if pseudonymize_uids is not None else None
     if source.is_file() and source.suffix.lower() == ".csv":
         result = ingest_manifest_csv(source, progress)
     elif labels_csv is None and has_class_folders(source):
         result = ingest_class_folders(source, progress)
     else:
         labels = LabelTable.from_csv(labels_csv) if labels_csv else None
-        result = ingest_tree(source, labels, out_dir / "nifti" if write_nifti else None, progress)
+        result = ingest_tree(source, labels, out_dir / "nifti" if write_nifti else None, progress, uids)
     if result.has_labels and result.rows and not any(r["patient_id"] for r in result.rows):
         result.warnings.insert(0, NO_PATIENT_IDS)
+    if uids is not None:
+        for rows in (result.rows, result.series, result.ledger.rows.values()):
+            uids.apply(rows)
+        warn_uid_like_paths(result.ledger.rows)
     write_outputs(result, out_dir)
     for warning in result.warnings:
         log.warning(warning)
@@ -139,7 +157,9 @@ def ingest_class_folders(root: Path, progress: bool) -> IngestResult:
     result = IngestResult("class_folders", has_labels=True)
     ledger, rows = result.ledger, []
     rel = lambda p: relative_name(Path(p), root)  # noqa: E731
-    for path in tqdm(list_files(root), desc="read images", unit="file", disable=not progress, leave=False):
+    files, problems = walk_files(root)
+    record_walk_problems(problems, root, ledger)
+    for path in tqdm(files, desc="read images", unit="file", disable=not progress, leave=False):
         top = path.relative_to(root).parts
         label = normalize_label(top[0]) if len(top) > 1 else None
         if label is None:
@@ -184,6 +204,7 @@ def ingest_manifest_csv(path: Path, progress: bool) -> IngestResult:
     root = path.parent
     rel = lambda p: relative_name(Path(p), root)  # noqa: E731
     rows = validate_rows(read_manifest(path), result.ledger, rel)
+    masks = MaskCheck(result.ledger, rel)  # a bad mask_path: an error row, the sample kept without it
     readable = []
     for row in tqdm(rows, desc="read samples", unit="slice", disable=not progress, leave=False):
         try:
@@ -192,6 +213,7 @@ def ingest_manifest_csv(path: Path, progress: bool) -> IngestResult:
             result.ledger.failed(rel(row["path"]), "decode", f"sample not readable: {type(exc).__name__}: {exc}"[:300])
             continue
         row["_hash"] = _digest(plane)
+        masks.check(row, plane.shape)
         readable.append(row)
     result.rows = drop_duplicate_content(readable, result.ledger, rel, content_hash=lambda r: r["_hash"])
     # A file with one unreadable row is failed as a whole: its other rows are not trusted either.
@@ -221,14 +243,16 @@ def split_by_kind(files: list[Path]) -> tuple[list[Path], list[Path], list[Path]
     return volumes, images, dicoms
 
 
-def ingest_tree(root: Path, labels: LabelTable | None, nifti_dir: Path | None, progress: bool) -> IngestResult:
+def ingest_tree(root: Path, labels: LabelTable | None, nifti_dir: Path | None, progress: bool,
+                uids: UidPseudonyms | None = None) -> IngestResult:
     """Walk a tree: DICOM series (grouped by SeriesInstanceUID), NIfTI volumes, 2D images."""
     from tqdm.auto import tqdm
 
     result = IngestResult("tree", has_labels=labels is not None)
     ledger = result.ledger
     rel = lambda p: relative_name(Path(p), root)  # noqa: E731
-    files = list_files(root)
+    files, problems = walk_files(root)
+    record_walk_problems(problems, root, ledger)
     masks = labels.mask_files() if labels else set()
     labels_file = str(labels.source.resolve()) if labels else ""
     others = []
@@ -242,7 +266,7 @@ def ingest_tree(root: Path, labels: LabelTable | None, nifti_dir: Path | None, p
             others.append(path)
     volumes, images, dicoms = split_by_kind(others)
     series = index_dicom_tree(root, ledger, files=dicoms, progress=progress)
-    builder = _TreeBuilder(root, labels, nifti_dir, result, rel)
+    builder = _TreeBuilder(root, labels, nifti_dir, result, rel, uids)
     for entry in tqdm(list(series.values()), desc="read series", unit="series", disable=not progress, leave=False):
         builder.add_dicom_series(entry)
     for path in tqdm(volumes, desc="read NIfTI", unit="volume", disable=not progress, leave=False):
@@ -261,13 +285,17 @@ def ingest_tree(root: Path, labels: LabelTable | None, nifti_dir: Path | None, p
 class _TreeBuilder:
     """Turns each series / volume / image of a tree into a series row and manifest rows."""
 
-    def __init__(self, root, labels, nifti_dir, result, rel):
+    def __init__(self, root, labels, nifti_dir, result, rel, uids: UidPseudonyms | None = None):
         self.root, self.labels, self.nifti_dir, self.result, self.rel = root, labels, nifti_dir, result, rel
+        self.uids = uids  # applied as series rows are made: no NIfTI file is named after a UID
 
     def add_dicom_series(self, entry) -> None:
         volume = load_series(entry, self.result.ledger)
         info = self._label(series_uid=entry.series_uid, study_uid=entry.study_uid, patient_id=entry.patient_id)
-        row = {"series_uid": entry.series_uid, "patient_id": entry.patient_id, "study_id": entry.study_uid,
+        series_uid, study_uid = entry.series_uid, entry.study_uid
+        if self.uids is not None:
+            series_uid, study_uid = self.uids(series_uid), self.uids.identifier(study_uid)
+        row = {"series_uid": series_uid, "patient_id": entry.patient_id, "study_id": study_uid,
                "n_failed": sum(1 for s in entry.slices if self.result.ledger.rows[s.rel]["status"] != "used")
                + len(entry.dropped)}
         if volume is None:
@@ -312,7 +340,7 @@ class _TreeBuilder:
         row.update(n_slices=volume.n_slices, status=status, label=info.get("label", ""),
                    warnings="; ".join(volume.warnings))
         if self.nifti_dir is not None:
-            name = _safe_name(row["series_uid"]) + ".nii.gz"
+            name = safe_file_name(row["series_uid"], ".nii.gz")  # bounded, and one per series
             volume.to_nifti(self.nifti_dir / name)
             row["nifti_path"] = f"nifti/{name}"
         self.result.series.append(row)
@@ -332,7 +360,8 @@ class _TreeBuilder:
             })
 
     def _checked_mask(self, mask_path: str, volume: Volume, row: dict) -> str:
-        """A mask is kept only if it reads and has the series' shape (same geometry)."""
+        """A mask is kept only if it reads, has the series' shape (same geometry) and is binary; else
+        the series is used without it (``manifest.MaskCheck``)."""
         if not mask_path:
             return ""
         name = self.rel(mask_path)
@@ -344,9 +373,9 @@ class _TreeBuilder:
         if mask.hu.shape != volume.hu.shape:
             self.result.ledger.failed(name, "mask", f"mask shape {mask.hu.shape} differs from its series {volume.hu.shape}", row["series_uid"])
             return ""
+        if (problem := mask_values_problem(mask.hu)) is not None:
+            self.result.ledger.failed(name, "mask", problem, row["series_uid"])
+            return ""
         self.result.ledger.used(name, row["series_uid"])
         return str(Path(mask_path).resolve())
 
-
-def _safe_name(series_uid: str) -> str:
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in series_uid)

@@ -12,6 +12,7 @@ Rules (README.md, "Ingest your data", says the same for users):
 
 from __future__ import annotations
 
+import errno
 import os
 from collections import defaultdict
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from lung_effnet.io.ledger import Ledger
+from lung_effnet.io.names import display_name
 from lung_effnet.io.privacy import pseudonym
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -94,16 +96,77 @@ class SeriesIndex:
         return self.slices[0].study_uid if self.slices else ""
 
 
-def list_files(root: str | Path) -> list[Path]:
-    """Every regular file under ``root`` (or ``root`` itself), sorted, hidden folders excluded."""
+@dataclass(frozen=True)
+class WalkProblem:
+    """A folder or file met by the walk that cannot enter the run (``walk_files``): ``status`` is
+    ``failed`` or ``skipped``, as in the ledger."""
+
+    path: Path
+    is_dir: bool
+    status: str
+    reason: str
+
+
+def walk_files(root: str | Path) -> tuple[list[Path], list[WalkProblem]]:
+    """Every usable file under ``root`` (or ``root`` itself), sorted, hidden names excluded, and
+    what the walk could not use: a folder it cannot list (permission denied), a symlinked folder
+    (not followed), a symlink that loops or points nowhere, a path that is not valid UTF-8 (it
+    could not be written to a UTF-8 CSV or manifest; rename it). Nothing disappears: the callers
+    give every problem a ledger row (``record_walk_problems``)."""
     root = Path(root)
     if root.is_file():
-        return [root]
+        return [root], []
     found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
-    return found
+    problems: list[WalkProblem] = []
+
+    def unreadable(exc: OSError) -> None:
+        reason = f"folder not readable: {exc.strerror or type(exc).__name__}"
+        problems.append(WalkProblem(Path(exc.filename or root), True, "failed", reason))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
+        here = Path(dirpath)
+        kept = []
+        for d in sorted(d for d in dirnames if not d.startswith(".")):
+            if os.path.islink(here / d):
+                problems.append(WalkProblem(here / d, True, "skipped", "symlinked folder: not followed (give its target)"))
+            else:
+                kept.append(d)
+        dirnames[:] = kept
+        for f in sorted(f for f in filenames if not f.startswith(".")):
+            problem = _unusable_file(here / f, root)
+            if problem is None:
+                found.append(here / f)
+            else:
+                problems.append(problem)
+    return found, problems
+
+
+def _unusable_file(path: Path, root: Path) -> WalkProblem | None:
+    try:
+        os.fspath(path.relative_to(root)).encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes, kept by Python as surrogates
+        return WalkProblem(path, False, "failed", "file name is not valid UTF-8: rename it to use it")
+    if os.path.islink(path):
+        try:
+            os.stat(path)
+        except OSError as exc:
+            what = ("symlink loop" if exc.errno == errno.ELOOP else
+                    "broken symlink: its target does not exist" if exc.errno == errno.ENOENT else
+                    f"symlink not followable: {exc.strerror}")
+            return WalkProblem(path, False, "failed", what)
+    return None
+
+
+def list_files(root: str | Path) -> list[Path]:
+    """The usable files of ``walk_files`` (what the walk could not use is left out)."""
+    return walk_files(root)[0]
+
+
+def record_walk_problems(problems: list[WalkProblem], root: Path, ledger: Ledger) -> None:
+    """One ledger row (stage ``walk``) per problem of ``walk_files``; folders end with ``/``."""
+    for problem in problems:
+        name = display_name(relative_name(problem.path, root)) + ("/" if problem.is_dir else "")
+        getattr(ledger, problem.status)(name, "walk", problem.reason)
 
 
 def relative_name(path: Path, root: Path) -> str:
@@ -249,7 +312,8 @@ def index_dicom_tree(root: str | Path, ledger: Ledger, files: list[Path] | None 
     """Read every file's header under ``root`` and group the usable CT slices by series.
 
     Every file gets a ledger row: usable slices ``used`` for now (decoding may still fail them),
-    others ``skipped`` or ``failed`` with their reason (stage ``index``).
+    others ``skipped`` or ``failed`` with their reason (stage ``index``). ``files``: the files to
+    read; ``None`` walks ``root`` (``walk_files``, what it cannot use gets rows at stage ``walk``).
 
     ``map_fn``: an order-keeping ``map`` (e.g. a process pool's, with a chunksize) to read the
     headers in parallel: at ~0.7 ms a file, the header pass of a large archive is otherwise as long
@@ -261,7 +325,9 @@ def index_dicom_tree(root: str | Path, ledger: Ledger, files: list[Path] | None 
     from tqdm.auto import tqdm
 
     root = Path(root)
-    files = list_files(root) if files is None else files
+    if files is None:
+        files, problems = walk_files(root)
+        record_walk_problems(problems, root, ledger)
     results = (map_fn or map)(partial(index_file, root=root), files)
     series: dict[str, SeriesIndex] = {}
     for rel, header, status, reason, uid in tqdm(results, total=len(files), desc="index DICOM", unit="file",

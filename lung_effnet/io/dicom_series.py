@@ -14,7 +14,7 @@ from pydicom.pixels import pixel_array
 from lung_effnet.errors import InputError
 from lung_effnet.io.dicom_index import SeriesIndex, SliceHeader
 from lung_effnet.io.ledger import Ledger
-from lung_effnet.io.volume import Volume, affine_from_lps, spacing_of, to_canonical
+from lung_effnet.io.volume import NonFiniteValuesError, Volume, affine_from_lps, check_finite, spacing_of, to_canonical
 
 GAP_FACTOR = 1.5
 """Neighbouring slices further apart than this many times the median spacing mark a gap."""
@@ -59,7 +59,8 @@ def decode_slice_hu(header: SliceHeader, out: np.ndarray | None = None) -> np.nd
     pydicom already honours PixelRepresentation (signed / unsigned storage) and the signedness
     quirks of JPEG-LS / JPEG 2000 codestreams, so the rescale applies to correctly typed values.
     ``out`` (float32, or int16 when ``exact_in_int16``) is filled in place; an int16 ``out`` that
-    cannot hold the values raises ``OverflowError`` (the caller then switches to float32).
+    cannot hold the values raises ``OverflowError`` (the caller then switches to float32). A slope or
+    intercept that is NaN or infinite (``RescaleSlope "NaN"``) raises ``NonFiniteValuesError``.
     """
     stored = read_stored_pixels(header)
     if stored.shape != header.shape:
@@ -78,6 +79,7 @@ def decode_slice_hu(header: SliceHeader, out: np.ndarray | None = None) -> np.nd
         hu += np.float32(header.intercept)
     else:  # the usual case: one pass, cast and shift together
         np.add(stored, np.float32(header.intercept), out=hu, casting="unsafe")
+    check_finite(hu)  # int16 passes at once; float32 costs one pass over the slice
     return hu
 
 
@@ -113,6 +115,8 @@ def load_series(entry: SeriesIndex, ledger: Ledger) -> Volume | None:
                 stack = stack.astype(np.float32)
                 decode_slice_hu(header, out=stack[len(good)])
             good.append(header)
+        except NonFiniteValuesError as exc:  # NaN slope or pixels: the slice fails, never a silent NaN
+            ledger.failed(header.rel, "decode", str(exc), entry.series_uid)
         except Exception as exc:  # truncated, no pixel data, unsupported codec: one row, go on
             ledger.failed(header.rel, "decode", f"pixel data not decodable: {type(exc).__name__}: {exc}"[:300], entry.series_uid)
     if not good:

@@ -3,11 +3,16 @@
 The contract: input files = ledger rows. Each file ends ``used``, ``skipped`` (readable but not
 wanted: a localizer, an SR, an MR series) or ``failed`` (truncated, undecodable). Every file that is
 not ``used`` also has one row in ``errors.csv`` saying at which stage and why.
+
+Every CSV the package writes goes through ``write_csv``, which keeps spreadsheets from running a
+cell as a formula (``spreadsheet_safe``); the package's readers of CSV files (``read_csv_rows``)
+undo that, so a file named ``=1+1.png`` reads back as itself.
 """
 
 from __future__ import annotations
 
 import csv
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +20,11 @@ USED, SKIPPED, FAILED = "used", "skipped", "failed"
 
 LEDGER_COLUMNS = ("path", "series_uid", "status", "reason")
 ERROR_COLUMNS = ("path", "stage", "reason")
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+"""First characters that make Excel, LibreOffice or Google Sheets read a cell as a formula (OWASP,
+"CSV Injection"): a file named ``=HYPERLINK(...).png`` must not become a live link in a report."""
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
 @dataclass
@@ -68,13 +78,43 @@ def _by_path(row: dict) -> str:
     return row["path"]
 
 
+def _needs_quote(text: str) -> bool:
+    if text.startswith("'"):  # already looks escaped: escape once more, so that reading back is exact
+        return _needs_quote(text[1:])
+    return text.startswith(FORMULA_STARTS) and not _NUMBER.match(text)
+
+
+def spreadsheet_safe(value: object) -> object:
+    """A CSV cell that no spreadsheet runs: text starting with ``= + - @``, a tab or a carriage
+    return gets a leading ``'`` (OWASP's advice; spreadsheets show the text, without the quote).
+    Numbers, and text that is a plain number (``-0.5``, ``-1000``, ``1e-3``), are left as they
+    are; so is text already starting with ``'`` unless it would read back as another value, in
+    which case it gets one more ``'`` (``csv_value`` strips exactly one)."""
+    if isinstance(value, str) and _needs_quote(value):
+        return "'" + value
+    return value
+
+
+def csv_value(cell: str) -> str:
+    """The value ``spreadsheet_safe`` wrote as ``cell`` (the inverse: one leading ``'`` removed
+    where it was added); any other cell is returned unchanged."""
+    return cell[1:] if cell.startswith("'") and _needs_quote(cell[1:]) else cell
+
+
 def write_csv(path: str | Path, columns, rows) -> Path:
-    """Write rows (dicts) with a fixed header; missing keys become empty cells."""
+    """Write rows (dicts) with a fixed header; missing keys become empty cells, text cells are made
+    ``spreadsheet_safe``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as fh:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
         writer.writeheader()
         for row in rows:
-            writer.writerow({c: ("" if row.get(c) is None else row.get(c)) for c in columns})
+            writer.writerow({c: ("" if row.get(c) is None else spreadsheet_safe(row.get(c))) for c in columns})
     return path
+
+
+def read_csv_rows(path: str | Path, encoding: str = "utf-8") -> list[dict]:
+    """Read a CSV as dicts, each cell through ``csv_value`` (so files of ``write_csv`` read back exact)."""
+    with open(path, newline="", encoding=encoding) as fh:
+        return [{k: csv_value(v) if isinstance(v, str) else v for k, v in row.items()} for row in csv.DictReader(fh)]

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, cast
 import numpy as np
 
 from lung_effnet.errors import InputError
-from lung_effnet.io.volume import Volume, spacing_of, to_canonical
+from lung_effnet.io.volume import Volume, check_finite, spacing_of, to_canonical
 
 if TYPE_CHECKING:
     from nibabel.spatialimages import SpatialImage
@@ -28,7 +28,8 @@ def read_nifti(path: str | Path, series_uid: str = "") -> Volume:
     other 4D file is refused.
 
     Raises:
-        ValueError: not 3D, or an affine that does not place the voxels (singular).
+        ValueError: not 3D, or an affine that does not place the voxels (singular);
+            ``NonFiniteValuesError`` when a voxel is NaN or infinite (the volume is not used).
     """
     import nibabel as nib
 
@@ -41,6 +42,8 @@ def read_nifti(path: str | Path, series_uid: str = "") -> Volume:
     affine = img.affine
     if abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise InputError("singular affine: voxel positions are undefined")
-    zyx, affine, _ = to_canonical(data.astype(np.float32), affine)
+    data = data.astype(np.float32)
+    check_finite(data)
+    zyx, affine, _ = to_canonical(data, affine)
     return Volume(hu=zyx, spacing=spacing_of(affine), affine=affine,
                   series_uid=series_uid or Path(path).name, source_files=[str(path)])

@@ -5,16 +5,26 @@ a keyed hash (HMAC-SHA256) cannot without the key. The key comes from ``LUNG_EFF
 or, failing that, from a key file created once (mode 0600) at ``~/.config/lung-effnet/hash.key``
 (``LUNG_EFFNET_KEY_FILE`` overrides the location). Keep the key to get the same pseudonyms across
 runs; anyone holding it and the raw IDs can re-link pseudonyms, so keep it out of shared outputs.
+
+Study and Series Instance UIDs are written as found unless ``UidPseudonyms`` (``--pseudonymize-uids
+KEYFILE`` of ``ingest`` and ``score``) replaces them: the same keyed hash, written as a DICOM UID.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
+import re
 import secrets
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
+
+from lung_effnet.errors import MissingInputError, UsageError
+
+log = logging.getLogger(__name__)
 
 # Tags whose values must never reach an output, a log line, a report or MLflow (DICOM PS3.15
 # basic profile, the patient- and institution-identifying part). Readers copy none of them.
@@ -69,5 +79,104 @@ def pseudonym(identifier: str, prefix: str = "P") -> str:
     identifier = str(identifier).strip()
     if not identifier:
         return ""
-    digest = hmac.new(hash_key(), identifier.encode("utf-8"), hashlib.sha256).hexdigest()
-    return f"{prefix}-{digest[:16]}"
+    return f"{prefix}-{keyed_digest(hash_key(), identifier).hex()[:16]}"
+
+
+def keyed_digest(key: bytes, identifier: str) -> bytes:
+    """HMAC-SHA256 of ``identifier`` (UTF-8) under ``key``: the one keyed hash behind every pseudonym."""
+    return hmac.new(key, identifier.encode("utf-8"), hashlib.sha256).digest()
+
+
+UID_ROOT = "2.25"
+"""DICOM's root for UIDs made from a 128-bit number (PS3.5 B.2): a pseudonym is still a valid UID."""
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)+$")  # digits and dots; leading zeros and >64 characters occur in archives too
+MIN_KEY_CHARS = 16
+
+
+def is_dicom_uid(text: str) -> bool:
+    """Whether ``text`` looks like a DICOM UID (``1.2.840.113619...``) rather than a path or a name."""
+    return bool(_UID.match(text))
+
+
+def warn_uid_like_paths(paths: Iterable[str]) -> None:
+    """Paths are written as found, pseudonyms or not: warn when folders or files are named like UIDs."""
+    named = {part for path in paths for part in str(path).split("/") if is_dicom_uid(part.removesuffix(".dcm"))}
+    if named:
+        log.warning("%d folder or file name(s) look like DICOM UIDs: --pseudonymize-uids replaces UID columns, "
+                    "not paths; rename them before the outputs leave the hospital", len(named))
+
+
+def uid_pseudonym(uid: str, key: bytes) -> str:
+    """``2.25.`` + the first 16 bytes of HMAC-SHA256(key, uid) as a decimal integer (at most 44
+    characters): stable for one key, unlinkable to ``uid`` without it."""
+    return f"{UID_ROOT}.{int.from_bytes(keyed_digest(key, uid)[:16], 'big')}"
+
+
+class UidPseudonyms:
+    """Replaces Study / Series Instance UIDs in outputs by keyed pseudonyms (``uid_pseudonym``).
+
+    The key is the stripped text of a key file (at least 16 characters; make one with
+    ``python -c "import secrets; print(secrets.token_hex(32))" > uid.key``), kept by whoever links
+    results back to the archive. It is never written or logged: outputs carry only its
+    ``fingerprint``, so runs made with one key can be told apart from others and joined.
+
+    Calling the object maps one value: a DICOM UID to its pseudonym, anything else (a relative path
+    standing in for the UID of a NIfTI volume or an image) unchanged; a pseudonym it made is returned
+    as it is, so mapping twice is harmless. ``study_id`` values are mapped whatever they look like.
+    """
+
+    UID_COLUMNS = ("series_uid",)
+    ID_COLUMNS = ("study_id",)
+
+    def __init__(self, key: bytes):
+        self._key = key
+        self._made: set[str] = set()
+
+    def __repr__(self) -> str:  # never the key
+        return f"UidPseudonyms(fingerprint={self.fingerprint!r})"
+
+    @classmethod
+    def from_key_file(cls, path: str | Path, flag: str = "--pseudonymize-uids") -> UidPseudonyms:
+        """Read the key from ``path``; ``flag`` names the option in errors (which never quote the file)."""
+        path = Path(path)
+        if not path.is_file():
+            raise MissingInputError(f"{flag}: key file not found: {path}")
+        try:
+            key = path.read_bytes().strip()
+        except OSError as exc:
+            raise UsageError(f"{flag}: cannot read key file {path}: {exc.strerror}") from None
+        if len(key) < MIN_KEY_CHARS:
+            raise UsageError(f"{flag}: the key in {path} has {len(key)} characters, needs at least {MIN_KEY_CHARS} "
+                             "(python -c \"import secrets; print(secrets.token_hex(32))\" > KEYFILE)")
+        return cls(key)
+
+    @property
+    def fingerprint(self) -> str:
+        """12 hex digits that identify the key (a keyed hash of a fixed text), not the key."""
+        return keyed_digest(self._key, "lung-effnet uid key fingerprint").hex()[:12]
+
+    def __call__(self, value: str) -> str:
+        value = str(value or "")
+        if value in self._made or not is_dicom_uid(value):
+            return value
+        return self._pseudonym(value)
+
+    def identifier(self, value: str) -> str:
+        """Any non-empty identifier (a study id from a manifest, a StudyInstanceUID) as a UID pseudonym."""
+        value = str(value or "").strip()
+        return value if not value or value in self._made else self._pseudonym(value)
+
+    def _pseudonym(self, value: str) -> str:
+        made = uid_pseudonym(value, self._key)
+        self._made.add(made)
+        return made
+
+    def apply(self, rows: Iterable[dict]) -> None:
+        """Map the UID columns (``series_uid``; ``study_id``) of ``rows`` in place."""
+        for row in rows:
+            for column in self.UID_COLUMNS:
+                if row.get(column):
+                    row[column] = self(row[column])
+            for column in self.ID_COLUMNS:
+                if row.get(column):
+                    row[column] = self.identifier(row[column])

@@ -18,9 +18,28 @@ from pathlib import Path
 
 import numpy as np
 
+from lung_effnet.errors import InputError
+
 # DICOM patient coordinates are LPS (+x left, +y posterior, +z superior); NIfTI / nibabel world
 # coordinates are RAS. Multiplying by this flips the first two axes between them.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+NON_FINITE = "non-finite pixel values (NaN/inf)"
+"""The reason given for an image, slice or volume with a NaN or infinite value: it is failed, never
+scored or trained on (a NaN passes every threshold test as False, and the arg-max of NaN
+probabilities is class 0, so it would come out as a silent ``benign``)."""
+
+
+class NonFiniteValuesError(InputError):
+    """Pixel or voxel values that are NaN or infinite (e.g. a DICOM RescaleSlope of "NaN")."""
+
+
+def check_finite(values: np.ndarray) -> None:
+    """Raise ``NonFiniteValuesError`` when a float array holds NaN or inf; integer arrays pass."""
+    if values.dtype.kind in "fc" and not np.isfinite(values).all():
+        bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+        raise NonFiniteValuesError(f"{NON_FINITE} in {bad} of {values.size} values")
 
 
 @dataclass

@@ -168,10 +168,15 @@ def load_pretrained(model: nn.Module, path: str | Path, in_channels: int) -> dic
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the file is not a state dict, or its keys or shapes do not fit the model.
+        ValueError: the file cannot be read or is not a state dict (``ConfigError``), or its keys or shapes
+            do not fit the model (``InputError``).
     """
     path = resolve_weights(path)
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError as exc:  # a folder on the way that cannot be searched
+        raise ConfigError(f"model.pretrained_weights: cannot read {path}: {exc.strerror or type(exc).__name__}") from None
+    if not found:
         raise MissingInputError(f"pretrained weights file not found: {path}")
     model_in = cast(nn.Conv2d, model._conv_stem).in_channels  # __getattr__ is typed Tensor | Module
     if in_channels != model_in:
@@ -201,16 +206,57 @@ def load_pretrained(model: nn.Module, path: str | Path, in_channels: int) -> dic
     return report
 
 
-def _read_state_dict(path: Path, target: dict) -> tuple[dict[str, torch.Tensor], str]:
-    """The file's tensors keyed in MONAI's naming, and which naming the file used."""
+def check_weights(name_or_path: str | Path) -> Path:
+    """The file a ``model.pretrained_weights`` setting names, after reading it as a state dict: ``train``
+    calls this before any work, so a wrong name or a file that cannot be used stops at once.
+
+    Raises:
+        ConfigError: no such built-in name or file, a file that cannot be read (permissions) or that does
+            not hold a state dict; one line naming the key and the path.
+    """
+    path = resolve_weights(name_or_path)
+    try:
+        found = path.is_file()
+    except OSError as exc:  # a folder on the way that cannot be searched
+        raise ConfigError(f"model.pretrained_weights: cannot read {path}: {exc.strerror or type(exc).__name__}") from None
+    if not found:
+        raise ConfigError(f"model.pretrained_weights: file not found: {path}")
+    _load_state(path)
+    return path
+
+
+def load_failure(exc: BaseException) -> str:
+    """Why ``torch.load(..., weights_only=True)`` refused a file, in a few words (torch's own message is a
+    paragraph that suggests ``weights_only=False``, which would run whatever code the file holds)."""
+    text = str(exc)
+    if "unsupported GLOBAL" in text:
+        return "it holds Python objects, not only tensors: refused unread"
+    if "Weights only load failed" in text:
+        return "not a file of tensors saved by torch.save"
+    first = text.strip().splitlines()[0][:200] if text.strip() else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _load_state(path: Path) -> dict:
+    """The dict of tensors in a weights file (at the top, or under ``state_dict``), read with
+    ``weights_only=True``; ``ConfigError`` naming ``model.pretrained_weights`` and the path otherwise."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as exc:  # no read permission, an I/O error
+        raise ConfigError(f"model.pretrained_weights: cannot read {path}: {exc.strerror or type(exc).__name__}") from None
     except Exception as exc:  # pickle, zip and weights-only errors all mean the same thing to the user
-        raise InputError(f"cannot read {path} as a PyTorch state dict: {exc}") from exc
+        raise ConfigError(f"model.pretrained_weights: cannot read {path} as a PyTorch state dict ({load_failure(exc)})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise InputError(f"{path} does not hold a state dict (a dict of tensors, or one under 'state_dict')")
+        raise ConfigError(f"model.pretrained_weights: {path} does not hold a state dict (a dict of tensors, or one "
+                          "under 'state_dict')")
+    return obj
+
+
+def _read_state_dict(path: Path, target: dict) -> tuple[dict[str, torch.Tensor], str]:
+    """The file's tensors keyed in MONAI's naming, and which naming the file used."""
+    obj = _load_state(path)
     state = {str(k): v for k, v in obj.items()}
     if all(k.startswith("module.") for k in state):  # saved from DataParallel / DDP
         state = {k[len("module."):]: v for k, v in state.items()}

@@ -7,7 +7,9 @@ A model directory (written by ``train`` to ``<out>/model``) holds:
 - ``model.json``: classes, input shape, fold count, the package version that wrote it.
 
 ``load_model`` reads such a directory, or an MLflow model URI (``models:/name@alias``,
-``runs:/<id>/model``, ``models:/<model_id>``) of the ensemble logged by ``train``.
+``runs:/<id>/model``, ``models:/<model_id>``) of the ensemble logged by ``train``: the same directory,
+logged as it is (``tracking.log_model_dir``). Nothing is unpickled: the network is built from code and
+the fold files are read as state dicts (``torch.load(..., weights_only=True)``).
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from torch import nn
 
 from lung_effnet.classes import CLASSES
 from lung_effnet.config import Config, from_dict
-from lung_effnet.errors import MissingInputError
-from lung_effnet.models.factory import create_model
+from lung_effnet.errors import InputError, MissingInputError
+from lung_effnet.models.factory import create_model, load_failure
 from lung_effnet.version import __version__
 
 
@@ -136,15 +138,39 @@ class Predictor:
 
 
 def load_model_dir(model_dir: str | Path, device: str = "cpu") -> Predictor:
+    """The ensemble of a model directory (see module docstring): every fold ``model.json`` declares
+    (``fold_0.pt`` .. ``fold_<n-1>.pt``), each rebuilt from ``config.yaml`` and loaded as a state dict
+    (``weights_only=True``: a file that holds anything else is refused, never unpickled).
+
+    Raises:
+        MissingInputError: ``config.yaml``, ``model.json`` or a fold file is missing.
+        InputError: a fold file that is not a state dict of this model, or other fold files than declared.
+    """
     model_dir = Path(model_dir)
+    for name in ("config.yaml", "model.json"):
+        if not (model_dir / name).is_file():
+            raise MissingInputError(f"{model_dir}: no {name} (not a model folder written by lung-effnet train)")
     cfg = from_dict(yaml.safe_load((model_dir / "config.yaml").read_text()))
-    paths = sorted(model_dir.glob("fold_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
-    if not paths:
-        raise MissingInputError(f"{model_dir}: no fold_*.pt model files")
+    try:
+        n_folds = json.loads((model_dir / "model.json").read_text()).get("n_folds")
+    except (ValueError, AttributeError):
+        n_folds = None
+    if not isinstance(n_folds, int) or isinstance(n_folds, bool) or n_folds < 1:
+        raise InputError(f"{model_dir / 'model.json'}: no fold count (n_folds) in it")
+    expected = [model_dir / f"fold_{k}.pt" for k in range(n_folds)]
+    missing = [p.name for p in expected if not p.is_file()]
+    if missing:
+        raise MissingInputError(f"{model_dir}: {', '.join(missing)} missing (model.json declares {n_folds} folds)")
+    extra = sorted(p.name for p in model_dir.glob("fold_*.pt") if p not in expected)
+    if extra:
+        raise InputError(f"{model_dir}: {', '.join(extra)} beyond the {n_folds} folds model.json declares")
     members = []
-    for path in paths:
+    for path in expected:
         member = build_member(cfg)
-        member.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        try:
+            member.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        except Exception as exc:  # not a state dict (refused unread), a damaged file, another architecture
+            raise InputError(f"{path}: not a fold state dict of this model ({load_failure(exc)})") from None
         members.append(member)
     return Predictor(FoldEnsemble(members).to(device), cfg)
 
@@ -170,7 +196,5 @@ def load_model(path_or_uri: str | Path, device: str = "cpu") -> Predictor:
         raise MissingInputError(f"not a model directory or an MLflow model URI: {text}")
     from lung_effnet.tracking import load_logged_model
 
-    module, config = load_logged_model(text, device)
-    cfg = from_dict(config)
-    return Predictor(module, cfg)
+    return load_logged_model(text, lambda folder: load_model_dir(folder, device))
 

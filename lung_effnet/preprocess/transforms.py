@@ -31,6 +31,7 @@ from monai.transforms import (
 )
 
 from lung_effnet.config import DataConfig
+from lung_effnet.io.images2d import gray_divisor
 from lung_effnet.io.planes import GRAY, HU
 from lung_effnet.preprocess.volume import (
     BODY_MARGIN,
@@ -143,7 +144,8 @@ def preprocess_sample(image: np.ndarray, intensity: str, cfg: DataConfig, mask: 
     """Run the chain on one sample.
 
     Args:
-        image: ``(C, H, W)`` float32, HU or grey 0..255 (16-bit grey is scaled to 0..255 first).
+        image: ``(C, H, W)`` float32, HU or grey 0..255 (12- and 16-bit grey is scaled to 0..255
+            first, ``io.images2d.gray_divisor``).
         intensity: ``"HU"`` or ``"gray"``.
         mask: optional ``(1, H, W)`` lesion mask (> 0 inside).
         spacing: ``(dy, dx)`` mm, for resampling volumes; ``None`` skips resampling.
@@ -152,8 +154,9 @@ def preprocess_sample(image: np.ndarray, intensity: str, cfg: DataConfig, mask: 
         ``(image, mask)``: ``(C, S, S)`` float32 in [0, 1] and ``(1, S, S)`` uint8 (or ``None``).
     """
     image = np.asarray(image, dtype=np.float32)
-    if intensity == GRAY and image.max(initial=0) > 255:
-        image = image / 257.0  # 16-bit grey to the 8-bit scale
+    divisor = gray_divisor(float(image.max(initial=0))) if intensity == GRAY else None
+    if divisor is not None:
+        image = image / divisor  # 12- or 16-bit grey to the 8-bit scale
     affine = np.diag([spacing[0], spacing[1], 1.0, 1.0]) if spacing else np.eye(4)
     data = {"image": MetaTensor(torch.from_numpy(image), affine=torch.as_tensor(affine))}
     if mask is not None:

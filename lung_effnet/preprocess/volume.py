@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from lung_effnet.config import DataConfig
+from lung_effnet.io.images2d import gray_divisor
 from lung_effnet.io.planes import GRAY, HU
 
 BODY_HU = -500.0
@@ -146,8 +147,8 @@ def preprocess_volume(volume: np.ndarray, intensity: str, cfg: DataConfig,
     lungs are found once per chunk, though up to three samples use them.
 
     Args:
-        volume: ``(Z, H, W)``, HU or grey 0..255 (a grey "volume" is one image: ``Z = 1``; 16-bit
-            grey is scaled to 0..255 first, as ``preprocess_sample`` does).
+        volume: ``(Z, H, W)``, HU or grey 0..255 (a grey "volume" is one image: ``Z = 1``; 12- and
+            16-bit grey is scaled to 0..255 first, as ``preprocess_sample`` does).
         intensity: ``"HU"`` or ``"gray"``.
         spacing: ``(dy, dx)`` mm; resampled to ``cfg.spacing_mm`` when both are set (HU only).
 
@@ -155,7 +156,7 @@ def preprocess_volume(volume: np.ndarray, intensity: str, cfg: DataConfig,
         ``(Z, 2 * cfg.context_slices + 1, S, S)`` float16 in [0, 1], S = ``cfg.image_size``.
     """
     # float32 a chunk at a time: a whole 600-slice 512 px volume would be 600 MiB more
-    scale = 257.0 if intensity == GRAY and np.max(volume, initial=0) > 255 else None
+    scale = gray_divisor(float(np.max(volume, initial=0))) if intensity == GRAY else None
     context, size, z = cfg.context_slices, cfg.image_size, len(volume)
     out = np.empty((z, 2 * context + 1, size, size), np.float16)
     threshold = body_threshold(cfg, intensity) if cfg.crop != "none" else None

@@ -48,6 +48,8 @@ def aggregate_series(probs: np.ndarray, top_k: int = TOP_K) -> SeriesScore:
         raise ValueError(f"expected (N >= 1, {len(CLASSES)}) slice probabilities, got shape {probs.shape}")
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if not np.isfinite(probs).all():  # NaN would leave the ranking silently and argmax(NaN) is "benign"
+        raise ValueError(f"slice probabilities hold NaN or inf (slices {np.flatnonzero(~np.isfinite(probs).all(1)).tolist()[:10]})")
     order = np.lexsort((np.arange(len(probs)), -abnormality(probs)))  # most abnormal first, then index
     top = order[:min(top_k, len(probs))]
     series = probs[top].mean(axis=0)

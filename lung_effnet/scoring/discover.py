@@ -1,6 +1,6 @@
 """Find what can be scored under an input folder: DICOM series, NIfTI volumes, 2D images.
 
-The walk is ingest's (``list_files`` -> ``split_by_kind`` -> ``index_dicom_tree``): DICOM files
+The walk is ingest's (``walk_files`` -> ``split_by_kind`` -> ``index_dicom_tree``): DICOM files
 are grouped by SeriesInstanceUID by the header pass, localizers, SR, RT objects and other non-image
 files are skipped there with their reason, unreadable headers failed. Only headers are read here;
 pixels are decoded later, one unit at a time, in worker processes (``prepare``).
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 from lung_effnet.ingest.sources import split_by_kind
-from lung_effnet.io.dicom_index import SeriesIndex, index_dicom_tree, list_files, relative_name
+from lung_effnet.io.dicom_index import SeriesIndex, index_dicom_tree, record_walk_problems, relative_name, walk_files
 from lung_effnet.io.ledger import Ledger
 
 if TYPE_CHECKING:
@@ -50,7 +50,8 @@ class ScoreUnit:
 
 @dataclass
 class Discovery:
-    """Units to score, and the ledger of the header pass (skips and failures at ``index``)."""
+    """Units to score, and the ledger of the walk and the header pass (rows at ``walk`` and ``index``);
+    ``n_files``: input files plus the folders and links the walk could not use, one ledger row each."""
 
     units: list[ScoreUnit]
     ledger: Ledger
@@ -66,11 +67,13 @@ def discover(root: str | Path, exclude: str | Path | None = None, group_size: in
     order-keeping parallel ``map`` for the header pass (``index_dicom_tree``); same result.
     """
     root = Path(root).resolve()
-    files = list_files(root)
+    files, problems = walk_files(root)
     if exclude is not None:
         skip = Path(exclude).resolve()
         files = [f for f in files if not f.resolve().is_relative_to(skip)]
+        problems = [p for p in problems if not p.path.is_relative_to(skip)]
     ledger = Ledger()
+    record_walk_problems(problems, root, ledger)  # unreadable folders, symlink loops...: rows, not gaps
     volumes, images, others = split_by_kind(files)
     series = index_dicom_tree(root, ledger, files=others, progress=progress, map_fn=map_fn)
     base = root if root.is_dir() else root.parent
@@ -83,7 +86,7 @@ def discover(root: str | Path, exclude: str | Path | None = None, group_size: in
     for start in range(0, len(rels), group_size):
         group = rels[start:start + group_size]
         units.append(ScoreUnit(IMAGES, f"{group[0]}..{group[-1]}", group, str(base), len(group)))
-    return Discovery(units, ledger, len(files))
+    return Discovery(units, ledger, len(files) + len(problems))
 
 
 def nifti_depth(path: Path) -> int:

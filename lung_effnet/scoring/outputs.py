@@ -11,11 +11,16 @@
 - ``summary.json``: counts (identical for a resumed and an uninterrupted run) and this
   invocation's timing.
 
-Nothing here reads a DICOM tag: rows hold relative paths, UIDs and numbers only (no PHI).
+Nothing here reads a DICOM tag: rows hold relative paths, UIDs and numbers only (no PHI). UIDs link
+results back to the archive; with ``--pseudonymize-uids`` (``io.privacy.UidPseudonyms``) every
+Series Instance UID is replaced, from the discovery on (``pseudonymize_discovery``,
+``pseudonymize_prepared``), so neither these files, the resume records nor the saliency pages hold
+one; paths are still written as found.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 from collections.abc import Callable
@@ -26,8 +31,9 @@ import numpy as np
 
 from lung_effnet.classes import CLASSES
 from lung_effnet.io.ledger import USED, Ledger, write_csv
+from lung_effnet.io.privacy import UidPseudonyms, warn_uid_like_paths
 from lung_effnet.scoring.aggregate import abnormality, aggregate_series
-from lung_effnet.scoring.discover import Discovery, ScoreUnit
+from lung_effnet.scoring.discover import DICOM, Discovery, ScoreUnit
 from lung_effnet.scoring.journal import write_atomic
 from lung_effnet.scoring.prepare import FAILED as SERIES_FAILED
 from lung_effnet.scoring.prepare import SCORED, PreparedUnit
@@ -38,6 +44,33 @@ PREDICTION_COLUMNS = ("path", "series_uid", "kind", "n_slices", "p_benign", "p_m
 SLICE_COLUMNS = ("path", "series_uid", "slice_index", "file", "p_benign", "p_malignant", "p_normal", "abnormality",
                  "in_top_k")
 PROB_FORMAT = "{:.6f}"
+
+
+def pseudonymize_discovery(discovery: Discovery, uids: UidPseudonyms) -> Discovery:
+    """The discovery with each DICOM unit's key (its Series Instance UID) and the header pass's ledger
+    rows pseudonymized. Units keep their header index (``series``), which decoding needs: a worker
+    names its rows by the unit's key, and ``pseudonymize_prepared`` maps anything else it returns.
+    The key is also the resume record's identity, so a resumed run finds its records by pseudonym."""
+    units = [dataclasses.replace(u, key=uids(u.key)) if u.kind == DICOM else u for u in discovery.units]
+    ledger = Ledger({p: {**r, "series_uid": uids(r["series_uid"])} for p, r in discovery.ledger.rows.items()},
+                    dict(discovery.ledger.stages))
+    return Discovery(units, ledger, discovery.n_files)
+
+
+def pseudonymize_prepared(prepared: PreparedUnit, uids: UidPseudonyms) -> PreparedUnit:
+    """A decoded unit whose series rows and ledger rows carry pseudonyms (before records and pages are made)."""
+    return dataclasses.replace(
+        prepared, key=uids(prepared.key),
+        items=[dataclasses.replace(i, series_uid=uids(i.series_uid)) for i in prepared.items],
+        ledger_rows=[{**r, "series_uid": uids(r.get("series_uid", ""))} for r in prepared.ledger_rows])
+
+
+def uid_note(uids: UidPseudonyms | None) -> dict:
+    """What ``summary.json`` says about UIDs: pseudonymized (how, and the key's fingerprint) or as found."""
+    if uids is None:
+        return {"uids": "as found"}
+    return {"uids": {"pseudonymized": "2.25.<first 16 bytes of HMAC-SHA256(key, UID), decimal>",
+                     "key_fingerprint": uids.fingerprint}}
 
 
 def make_record(unit: ScoreUnit, prepared: PreparedUnit, probs: np.ndarray, top_k: int,
@@ -103,10 +136,14 @@ def final_ledger(discovery: Discovery, records: list[dict]) -> Ledger:
     return ledger
 
 
-def write_outputs(out_dir: Path, discovery: Discovery, records: list[dict], info: dict) -> dict:
-    """Write the final files (module docstring) from all records; returns the summary."""
+def write_outputs(out_dir: Path, discovery: Discovery, records: list[dict], info: dict,
+                  uids: UidPseudonyms | None = None) -> dict:
+    """Write the final files (module docstring) from all records; returns the summary. ``uids``: the
+    pseudonyms the records were made with, noted in the summary (``uid_note``)."""
     predictions, slices = prediction_rows(records), slice_rows(records)
     ledger = final_ledger(discovery, records)
+    if uids is not None:
+        warn_uid_like_paths(ledger.rows)
     write_csv(out_dir / "predictions.csv", PREDICTION_COLUMNS, predictions)
     write_csv(out_dir / "slice_scores.csv", SLICE_COLUMNS, slices)
     ledger.write(out_dir)
@@ -122,6 +159,7 @@ def write_outputs(out_dir: Path, discovery: Discovery, records: list[dict], info
             "not_used_by_reason": [{"status": s, "reason": r, "files": n} for (s, r), n in sorted(reasons.items())],
         },
         **info,
+        **uid_note(uids),
     }
     if len(ledger.rows) != discovery.n_files:  # the contract itself: never write a summary that breaks it
         raise RuntimeError(f"ledger has {len(ledger.rows)} rows for {discovery.n_files} input files")

@@ -14,6 +14,10 @@ does a whole volume at once and gives the same float16 values (``tests/preproces
 from __future__ import annotations
 
 import os
+import select
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +30,7 @@ from lung_effnet.io.images2d import read_image_2d
 from lung_effnet.io.ledger import Ledger
 from lung_effnet.io.nifti import read_nifti
 from lung_effnet.io.planes import GRAY, HU
+from lung_effnet.io.volume import NonFiniteValuesError
 from lung_effnet.preprocess.volume import preprocess_volume
 from lung_effnet.scoring.discover import DICOM, IMAGES, NIFTI, ScoreUnit
 
@@ -66,13 +71,61 @@ class PreparedUnit:
     decode_s: float
 
 
-def init_worker() -> None:
+def init_worker(run_pid: int | None = None) -> None:
     """Worker processes use one thread each: parallelism comes from the processes, and torch's
-    default of one thread per core in every worker would oversubscribe the machine."""
+    default of one thread per core in every worker would oversubscribe the machine.
+
+    ``run_pid``: the scoring process; the worker ends when it ends (``die_with``)."""
     os.environ["OMP_NUM_THREADS"] = "1"
     import torch
 
     torch.set_num_threads(1)
+    if run_pid is not None:
+        die_with(run_pid)
+
+
+PR_SET_PDEATHSIG = 1
+"""Linux ``prctl`` option: the signal the kernel sends a process when its parent dies."""
+
+
+def die_with(run_pid: int) -> None:
+    """End this worker when the scoring process ``run_pid`` ends, however it ends (``kill -9``
+    included), instead of waiting forever for tasks: a worker holds the write end of its own task
+    queue, so it never sees the queue close, and it holds the forkserver's "alive" pipe, so the
+    forkserver (a second ~450 MB process) stays too. A thread waits on a pidfd of ``run_pid``
+    (polls it where pidfds are missing) and exits the process; once the workers are gone the
+    forkserver exits by itself. On Linux the kernel also kills the worker if its own parent (the
+    forkserver) dies (``PR_SET_PDEATHSIG``)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    try:
+        fd: int | None = os.pidfd_open(run_pid)
+    except ProcessLookupError:  # it ended before this worker started
+        os._exit(1)
+    except (AttributeError, OSError):  # no pidfd (not Linux, or a kernel before 5.3): poll
+        fd = None
+    threading.Thread(target=_exit_when_gone, args=(run_pid, fd), name="exit-with-run", daemon=True).start()
+
+
+def _exit_when_gone(pid: int, fd: int | None) -> None:
+    if fd is not None:
+        select.select([fd], [], [])  # a pidfd turns readable when its process ends
+    else:
+        while _exists(pid):
+            time.sleep(0.5)
+    os._exit(1)  # no cleanup: the queues' other ends are gone with the run
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def prepare_unit(unit: ScoreUnit, cfg: DataConfig) -> PreparedUnit:
@@ -120,6 +173,9 @@ def _nifti(unit: ScoreUnit, cfg: DataConfig, ledger: Ledger):
     item = PreparedItem(rel, rel, FAILED)
     try:
         volume = read_nifti(Path(unit.root) / rel, series_uid=rel)
+    except NonFiniteValuesError as exc:  # NaN voxels: failed, never scored (a NaN slice scores "benign")
+        ledger.failed(rel, "decode", str(exc), rel)
+        return _empty(cfg), [item]
     except Exception as exc:  # not a readable 3D NIfTI: one error row
         ledger.failed(rel, "decode", f"NIfTI not readable: {type(exc).__name__}: {exc}"[:300], rel)
         return _empty(cfg), [item]
@@ -144,8 +200,9 @@ def _images(unit: ScoreUnit, cfg: DataConfig, ledger: Ledger):
         try:
             plane = read_image_2d(Path(unit.root) / rel)
             image = preprocess_volume(plane[None], GRAY, cfg)[0]  # one plane: context repeats it
-        except Exception as exc:  # truncated or not really an image: one row, go on
-            ledger.failed(rel, "decode", f"image not decodable: {type(exc).__name__}: {exc}"[:300], rel)
+        except Exception as exc:  # truncated or not really an image, NaN pixels: one row, go on
+            reason = str(exc) if isinstance(exc, NonFiniteValuesError) else f"image not decodable: {type(exc).__name__}: {exc}"
+            ledger.failed(rel, "decode", reason[:300], rel)
             items.append(PreparedItem(rel, rel, FAILED))
             continue
         ledger.used(rel, rel)

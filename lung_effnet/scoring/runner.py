@@ -29,12 +29,13 @@ import torch
 
 from lung_effnet.classes import CLASSES
 from lung_effnet.errors import InputError, MissingInputError
+from lung_effnet.io.privacy import UidPseudonyms
 from lung_effnet.models.bn_fold import inference_copy
 from lung_effnet.models.predictor import Predictor, load_model
 from lung_effnet.scoring.aggregate import TOP_K
 from lung_effnet.scoring.discover import Discovery, ScoreUnit, discover
 from lung_effnet.scoring.journal import RECORD_VERSION, Journal
-from lung_effnet.scoring.outputs import make_record, write_outputs
+from lung_effnet.scoring.outputs import make_record, pseudonymize_discovery, pseudonymize_prepared, write_outputs
 from lung_effnet.scoring.prepare import PreparedUnit, init_worker, prepare_unit
 from lung_effnet.version import __version__
 
@@ -110,7 +111,8 @@ def start_pool(workers: int) -> ProcessPoolExecutor | None:
     ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
     if ctx.get_start_method() == "forkserver":
         ctx.set_forkserver_preload([prepare_unit.__module__])
-    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker)
+    # workers end when this process ends, even by SIGKILL (init_worker); the forkserver follows
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker, initargs=(os.getpid(),))
     threading.Thread(target=_start_processes, args=(pool, workers), daemon=True).start()
     return pool
 
@@ -173,7 +175,7 @@ def resolve_device(name: str) -> torch.device:
 
 def score_archive(model: str | Path, input_dir: str | Path, out_dir: str | Path, *, batch_size: int = 32,
                   device: str = "auto", workers: int | None = None, saliency: bool = False, top_k: int = TOP_K,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, pseudonymize_uids: str | Path | None = None) -> dict:
     """Score every series, volume and image under ``input_dir`` with a trained model; write the
     outputs (``outputs`` module docstring) to ``out_dir`` and return the summary.
 
@@ -182,6 +184,8 @@ def score_archive(model: str | Path, input_dir: str | Path, out_dir: str | Path,
         batch_size: slices per forward pass (also the size of 2D image groups).
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
         workers: decode processes; 0 decodes in this process; ``None``: ``default_workers(device)``.
+        pseudonymize_uids: a key file: every Series Instance UID in the outputs (and the resume
+            records, and saliency pages) becomes its keyed pseudonym (``io.privacy.UidPseudonyms``).
 
     Raises:
         FileNotFoundError: ``input_dir`` or the model does not exist.
@@ -194,25 +198,29 @@ def score_archive(model: str | Path, input_dir: str | Path, out_dir: str | Path,
     if batch_size < 1 or top_k < 1 or (workers is not None and workers < 0):
         raise InputError(f"--batch-size and top_k must be >= 1, --workers >= 0; got {batch_size}, {top_k}, {workers}")
     dev = resolve_device(device)
+    uids = UidPseudonyms.from_key_file(pseudonymize_uids) if pseudonymize_uids is not None else None
     workers = default_workers(dev) if workers is None else workers
     pool = start_pool(workers)
     try:
         return _score(model, input_dir, out_dir, dev, pool, started, batch_size=batch_size, workers=workers,
-                      saliency=saliency, top_k=top_k, progress=progress)
+                      saliency=saliency, top_k=top_k, progress=progress, uids=uids)
     finally:
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _score(model, input_dir: Path, out_dir: Path, dev: torch.device, pool, started: float, *, batch_size: int,
-           workers: int, saliency: bool, top_k: int, progress: bool) -> dict:
+           workers: int, saliency: bool, top_k: int, progress: bool, uids: UidPseudonyms | None = None) -> dict:
     predictor = load_model(model, str(dev))
     journal = Journal(out_dir, {"version": RECORD_VERSION, "model": model_fingerprint(predictor),
-                                "rule": RULE, "top_k": top_k, "saliency": saliency})
+                                "rule": RULE, "top_k": top_k, "saliency": saliency,
+                                **({"uid_key": uids.fingerprint} if uids is not None else {})})
     # the header pass spread over the decode workers (serially it takes about as long as decoding;
     # 2 workers: 1.1 -> 0.47 ms a file); with one worker it would only add the round trips
     map_fn = partial(pool.map, chunksize=HEADER_CHUNK) if pool is not None and workers > 1 else None
     discovery = discover(input_dir, exclude=out_dir, group_size=batch_size, progress=progress, map_fn=map_fn)
+    if uids is not None:  # before the journal is asked: records are keyed by pseudonym
+        discovery = pseudonymize_discovery(discovery, uids)
     records = {u.key: r for u in discovery.units if (r := journal.load(u)) is not None}
     todo = [u for u in discovery.units if u.key not in records]
     threads = torch.get_num_threads()
@@ -220,7 +228,7 @@ def _score(model, input_dir: Path, out_dir: Path, dev: torch.device, pool, start
         torch.set_num_threads(min(threads, inference_threads(workers)))
     try:
         done = run_units(todo, discovery, predictor, journal, records, batch_size, pool, workers, saliency, top_k,
-                         out_dir, progress)
+                         out_dir, progress, uids)
     finally:
         torch.set_num_threads(threads)
     wall = time.perf_counter() - started
@@ -234,11 +242,12 @@ def _score(model, input_dir: Path, out_dir: Path, dev: torch.device, pool, start
                 "slices_scored": done["slices"], "wall_s": round(wall, 3),
                 "series_per_min": round(done["series"] / wall * 60, 2), "slices_per_s": round(done["slices"] / wall, 2)},
     }
-    return write_outputs(out_dir, discovery, [records[u.key] for u in discovery.units], info)
+    return write_outputs(out_dir, discovery, [records[u.key] for u in discovery.units], info, uids)
 
 
 def run_units(todo: list[ScoreUnit], discovery: Discovery, predictor: Predictor, journal: Journal, records: dict,
-              batch_size: int, pool, workers: int, saliency: bool, top_k: int, out_dir: Path, progress: bool) -> dict:
+              batch_size: int, pool, workers: int, saliency: bool, top_k: int, out_dir: Path, progress: bool,
+              uids: UidPseudonyms | None = None) -> dict:
     """Score ``todo``, journaling each unit as it finishes; returns counts for this invocation."""
     from tqdm.auto import tqdm
 
@@ -252,6 +261,8 @@ def run_units(todo: list[ScoreUnit], discovery: Discovery, predictor: Predictor,
     with bar:
         for unit, prepared in prepared_units(todo, predictor.config.data, pool, workers):
             probs = scorer(prepared.images)
+            if uids is not None:
+                prepared = pseudonymize_prepared(prepared, uids)
             report = _reporter(predictor, prepared, probs, out_dir) if saliency else None
             record = make_record(unit, prepared, probs, top_k, report)
             journal.save(record)

@@ -15,11 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from lung_effnet.classes import CLASSES
+from lung_effnet.io.names import safe_file_name
 
 
 def report_name(series_uid: str) -> str:
-    """``reports/<series>.html``, the series UID or relative path made safe as a file name."""
-    return "reports/" + "".join(c if c.isalnum() or c in "._-" else "_" for c in series_uid) + ".html"
+    """``reports/<series>-<hash>.html``: the series UID or relative path made a safe, bounded file
+    name that no other series gets (``io.names.safe_file_name``)."""
+    return "reports/" + safe_file_name(series_uid, ".html")
 
 
 def write_series_report(model, images: np.ndarray, slice_indices: list[int], slice_probs: np.ndarray,

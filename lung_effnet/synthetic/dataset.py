@@ -32,7 +32,6 @@ DICOM and NIfTI layouts carry no class word; patient folders are numbered, not l
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import shutil
@@ -43,6 +42,7 @@ from pydicom.uid import generate_uid
 
 from lung_effnet.classes import CLASSES
 from lung_effnet.errors import InputError
+from lung_effnet.io.ledger import write_csv
 from lung_effnet.io.volume import canonical_affine, write_nifti
 from lung_effnet.synthetic.dicom_writer import COMPRESSIONS, STORAGES, write_dicom_series, write_localizer, write_sr
 from lung_effnet.synthetic.phantom import Phantom, make_phantom
@@ -198,13 +198,6 @@ def _origin(phantom: Phantom) -> tuple[float, float, float]:
     return x, y, z
 
 
-def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict]) -> None:
-    with path.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=columns)
-        w.writeheader()
-        w.writerows(rows)
-
-
 class _DicomWriter:
     columns = ("series_uid", "label", "mask_path")
 
@@ -234,7 +227,7 @@ class _DicomWriter:
         self.rows.append({"series_uid": series_uid, "label": phantom.label, "mask_path": mask_rel})
 
     def finish(self, rng) -> str:
-        _write_csv(self.out / "labels.csv", self.columns, self.rows)
+        write_csv(self.out / "labels.csv", self.columns, self.rows)
         return "labels.csv"
 
 
@@ -255,7 +248,7 @@ class _NiftiWriter:
                           "patient_id": _patient_id(i, rng), "mask_path": mask_rel})
 
     def finish(self, rng) -> str:
-        _write_csv(self.out / "labels.csv", self.columns, self.rows)
+        write_csv(self.out / "labels.csv", self.columns, self.rows)
         return "labels.csv"
 
 
@@ -294,7 +287,7 @@ class _JpgWriter:
         rows.sort(key=lambda r: (CLASSES.index(r["label"]), r["n"]))
         for r in rows:
             del r["n"]
-        _write_csv(self.out / "manifest.csv", self.columns, rows)
+        write_csv(self.out / "manifest.csv", self.columns, rows)
         return "manifest.csv"
 
 

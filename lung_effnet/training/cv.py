@@ -25,12 +25,12 @@ import torch
 
 from lung_effnet.classes import CLASSES
 from lung_effnet.config import Config
-from lung_effnet.errors import ConfigError, ManifestError, RunExistsError
+from lung_effnet.errors import ManifestError, RunExistsError
 from lung_effnet.ingest.sources import NO_PATIENT_IDS, ingest
 from lung_effnet.io.ledger import write_csv
 from lung_effnet.models.predictor import FoldEnsemble, Predictor, build_member, save_model_dir
 from lung_effnet.preprocess.cache import SampleSet, build_sample_set, default_cache_dir
-from lung_effnet.tracking import CVTracker, resolve_tracking_uri
+from lung_effnet.tracking import CVTracker, run_tracking_uri
 from lung_effnet.training.fold import FoldData, FoldTrainer, predict_proba
 from lung_effnet.training.metrics import bootstrap_ci, classification_metrics, confusion
 from lung_effnet.training.plots import plot_confusion_matrix, plot_reliability, plot_roc_curves, save_figure
@@ -184,11 +184,10 @@ def check_inputs(out: Path, cfg: Config, resume: bool) -> None:
     """Step 0: refuse what would fail later (an existing run without ``--resume``, missing weights)."""
     if (out / "folds").exists() and not resume:
         raise RunExistsError(f"{out} already holds a training run: pass --resume to continue it, or choose another --out")
-    if cfg.model.pretrained_weights:  # a wrong name stops here, not after preprocessing
-        from lung_effnet.models.factory import resolve_weights
+    if cfg.model.pretrained_weights:  # a wrong name or a file that cannot be read stops here, not after preprocessing
+        from lung_effnet.models.factory import check_weights
 
-        if not resolve_weights(cfg.model.pretrained_weights).is_file():
-            raise ConfigError(f"model.pretrained_weights: file not found: {cfg.model.pretrained_weights!r}")
+        check_weights(cfg.model.pretrained_weights)
 
 
 def make_folds(out: Path, cfg: Config, samples: SampleSet) -> np.ndarray:
@@ -222,7 +221,7 @@ def save_ensemble(run: CVRun) -> tuple[Predictor, Path]:
     return Predictor(FoldEnsemble(members), run.cfg), model_dir
 
 
-def publish(run: CVRun, summary: dict, ensemble: Predictor, model_dir: Path) -> dict:
+def publish(run: CVRun, summary: dict, model_dir: Path) -> dict:
     """Step 7: pooled metrics and the ensemble into the MLflow parent run (registered if configured).
     Returns the ``mlflow`` section of ``cv_summary.json``."""
     flat = {f"oof_{k}": v for k, v in summary["oof"].items() if not k.endswith("_ci95")}
@@ -231,9 +230,7 @@ def publish(run: CVRun, summary: dict, ensemble: Predictor, model_dir: Path) -> 
     if "test" in summary:
         flat.update({f"test_{k}": v for k, v in summary["test"].items() if not k.endswith("_ci95")})
     run.tracker.log_metrics(run.parent_id, flat)
-    example = run.samples.images[: min(2, len(run.samples))].float()
-    model_uri = run.tracker.log_model(run.parent_id, ensemble, model_dir, example, run.cfg.tracking.register_model,
-                                      run.cfg.tracking.alias)
+    model_uri = run.tracker.log_model(run.parent_id, model_dir, run.cfg.tracking.register_model, run.cfg.tracking.alias)
     return {"tracking_uri": run.tracker.uri, "experiment": run.cfg.tracking.experiment, "parent_run_id": run.parent_id,
             "model_uri": model_uri}
 
@@ -259,33 +256,36 @@ def run_cv(source: str | Path, out_dir: str | Path, cfg: Config, labels_csv: str
     out = Path(out_dir)
     check_inputs(out, cfg, resume)
     out.mkdir(parents=True, exist_ok=True)
-    uri = resolve_tracking_uri(tracking_uri, cfg.tracking.tracking_uri)
-    tracker = CVTracker(uri, cfg.tracking.experiment, out / "mlflow_run.json")  # fails fast if unreachable
+    state_file = out / "mlflow_run.json"  # the run ids and the store, so --resume from anywhere continues them
+    uri = run_tracking_uri(state_file, tracking_uri, cfg.tracking.tracking_uri)
+    tracker = CVTracker(uri, cfg.tracking.experiment, state_file,  # fails fast if unreachable
+                        timeout_s=cfg.tracking.timeout_s, retries=cfg.tracking.retries)
     samples, warnings = prepare_samples(Path(source), out, cfg, Path(labels_csv) if labels_csv else None, progress)
     for warning in warnings:
         log.warning(warning)
     folds = make_folds(out, cfg, samples)
     fingerprint = manifest_fingerprint(samples.rows)
-    parent_id = tracker.parent(
-        run_name=out.name, params=cfg.flat(),
-        tags={"data_fingerprint": fingerprint, "code_version": code_version(), "n_samples": len(samples),
-              "patient_ids": "present" if samples.has_patient_ids else "missing",
-              "warnings": " | ".join(warnings) or "none"})
-    run = CVRun(cfg, out, samples, folds, tracker, parent_id)
+    with tracker.ending_runs_on_error():  # a failure ends the parent and fold runs FAILED (KILLED on Ctrl-C)
+        parent_id = tracker.parent(
+            run_name=out.name, params=cfg.flat(),
+            tags={"data_fingerprint": fingerprint, "code_version": code_version(), "n_samples": len(samples),
+                  "patient_ids": "present" if samples.has_patient_ids else "missing",
+                  "warnings": " | ".join(warnings) or "none"})
+        run = CVRun(cfg, out, samples, folds, tracker, parent_id)
 
-    oof = train_folds(run, progress)
-    write_oof(run, oof)
-    plots = write_plots(run, oof)
-    ensemble, model_dir = save_ensemble(run)
-    summary = summarize(run, oof)
-    summary["warnings"] = warnings
-    summary["data_fingerprint"] = fingerprint
-    test = evaluate_test(run, ensemble)
-    if test is not None:
-        summary["test"] = test
-    summary["mlflow"] = publish(run, summary, ensemble, model_dir)
-    from lung_effnet.explain.oof_report import report_after_training
+        oof = train_folds(run, progress)
+        write_oof(run, oof)
+        plots = write_plots(run, oof)
+        ensemble, model_dir = save_ensemble(run)
+        summary = summarize(run, oof)
+        summary["warnings"] = warnings
+        summary["data_fingerprint"] = fingerprint
+        test = evaluate_test(run, ensemble)
+        if test is not None:
+            summary["test"] = test
+        summary["mlflow"] = publish(run, summary, model_dir)
+        from lung_effnet.explain.oof_report import report_after_training
 
-    summary["saliency_report"] = report_after_training(out, cfg, tracker, parent_id)
-    write_summary(run, summary, plots)
+        summary["saliency_report"] = report_after_training(out, cfg, tracker, parent_id)
+        write_summary(run, summary, plots)
     return summary

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from lung_effnet.classes import CLASSES
 from lung_effnet.config import Config
-from lung_effnet.errors import ConfigError
+from lung_effnet.errors import ConfigError, InputError
+from lung_effnet.models.factory import load_failure
 from lung_effnet.training.augment import augment_batch, mixup
 from lung_effnet.training.lesion_loss import LesionHead
 
@@ -170,6 +171,24 @@ def recalibrate_batchnorm(model: torch.nn.Module, images: torch.Tensor, batch_si
     model.train(was_training)
 
 
+def plain(obj):
+    """``obj`` with NumPy scalars and arrays turned into Python numbers and tensors, so that
+    ``torch.load(..., weights_only=True)`` reads it back (that loader takes tensors, dicts, lists, tuples,
+    strings and numbers only). Containers with nothing to change come back as they are (a state dict
+    keeps its ``_metadata``)."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj)
+    if isinstance(obj, dict):
+        items = {k: plain(v) for k, v in obj.items()}
+        return obj if all(items[k] is v for k, v in obj.items()) else {**items}
+    if isinstance(obj, (list, tuple)):
+        values = [plain(v) for v in obj]
+        return obj if all(a is b for a, b in zip(values, obj)) else type(obj)(values)
+    return obj
+
+
 def _save_atomic(obj, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
@@ -217,21 +236,32 @@ class FoldTrainer:
 
     # -- checkpoints --------------------------------------------------------------------------
     def state(self) -> dict:
-        return {
+        """Everything ``resume`` needs, as tensors and plain containers of numbers (``plain``), so that
+        ``last.pt`` loads with ``torch.load(..., weights_only=True)``: nothing in it is unpickled as code."""
+        return plain({
             "epoch": self.epoch, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "sample_gen": self.sample_gen.get_state(), "aug_gen": self.aug_gen.get_state(),
             "torch_rng": torch.get_rng_state(), "best_score": self.best_score, "best_epoch": self.best_epoch,
             "bad_epochs": self.bad_epochs, "history": self.history,
             "lesion_head": self.lesion_head.state_dict() if self.lesion_head is not None else None,
-        }
+        })
 
     def resume(self) -> bool:
-        """Continue from ``last.pt`` if a previous run left one. Returns whether it did."""
+        """Continue from ``last.pt`` if a previous run left one. Returns whether it did.
+
+        Raises:
+            InputError: ``last.pt`` is not a checkpoint this loop wrote (it is refused unread, never
+                unpickled); delete it to train the fold again from its start.
+        """
         path = self.fold_dir / "last.pt"
         if not path.exists():
             return False
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as exc:  # anything but tensors and plain containers is refused here, as is a damaged file
+            raise InputError(f"{path}: not a checkpoint lung-effnet can resume from ({load_failure(exc)}); "
+                             "delete it to train this fold again") from None
         self.model.load_state_dict(state["model"])
         if self.lesion_head is not None and state.get("lesion_head") is not None:
             self.lesion_head.load_state_dict(state["lesion_head"])

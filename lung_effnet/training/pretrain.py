@@ -47,14 +47,15 @@ def run_pretrain(out: str | Path, cfg: Config, n_patients: int = PRETRAIN_PATIEN
     A run stopped part-way continues from its last epoch when started again with the same ``out``.
     """
     from lung_effnet.models.predictor import build_member
-    from lung_effnet.tracking import CVTracker, resolve_tracking_uri
+    from lung_effnet.tracking import CVTracker, run_tracking_uri
     from lung_effnet.training.cv import manifest_fingerprint, prepare_samples
     from lung_effnet.training.fold import FoldData, FoldTrainer
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tracker = CVTracker(resolve_tracking_uri(tracking_uri, cfg.tracking.tracking_uri),
-                        f"{cfg.tracking.experiment}-pretrain", out / "mlflow_state.json")
+    state_file = out / "mlflow_state.json"
+    tracker = CVTracker(run_tracking_uri(state_file, tracking_uri, cfg.tracking.tracking_uri),
+                        f"{cfg.tracking.experiment}-pretrain", state_file, cfg.tracking.timeout_s, cfg.tracking.retries)
     start = time.perf_counter()
     data = out / "data"
     if not (data / "synthetic.json").exists():
@@ -63,27 +64,28 @@ def run_pretrain(out: str | Path, cfg: Config, n_patients: int = PRETRAIN_PATIEN
     samples, _ = prepare_samples(data, out, cfg, data / "labels.csv", progress)
     params = {**cfg.flat(), "pretrain.patients": n_patients, "pretrain.seed": seed,
               "pretrain.slices": len(samples), "pretrain.phantom_size_px": PHANTOM_SIZE_PX}
-    run_id = tracker.parent("pretrain", params, {"stage": "pretrain", "code_version": __version__,
-                                                 "data_fingerprint": manifest_fingerprint(samples.rows)})
-    torch.manual_seed(seed)
-    y = torch.from_numpy(samples.labels)
-    fold = FoldData(samples.images, y, samples.images[:0], y[:0], samples.masks,
-                    torch.from_numpy(samples.mask_known))
-    trainer = FoldTrainer(build_member(cfg), fold, cfg, out / "checkpoints", seed)
-    result = trainer.fit(on_epoch=lambda epoch, rec: tracker.log_metrics(run_id, rec, step=epoch), progress=progress)
-    weights = out / "weights.pt"
-    torch.save({k: v.cpu() for k, v in trainer.model.state_dict().items()}, weights.with_suffix(".tmp"))
-    weights.with_suffix(".tmp").replace(weights)
-    summary = {
-        "weights": str(weights), "patients": n_patients, "seed": seed, "slices": len(samples),
-        "per_class_slices": np.bincount(samples.labels, minlength=3).tolist(),
-        "data_fingerprint": manifest_fingerprint(samples.rows), "epochs": result["epochs_run"],
-        "train_loss": [round(h["train_loss"], 4) for h in result["history"]],
-        "config": cfg.to_dict(), "seconds": round(time.perf_counter() - start, 1), "lung_effnet_version": __version__,
-        "mlflow": {"tracking_uri": tracker.uri, "run_id": run_id},
-    }
-    (out / "pretrain.json").write_text(json.dumps(summary, indent=2))
-    tracker.log_artifacts(run_id, [out / "pretrain.json", weights], "pretrain")
-    tracker.finish(run_id)
+    with tracker.ending_runs_on_error():  # a failure ends the run FAILED (KILLED on Ctrl-C), not RUNNING
+        run_id = tracker.parent("pretrain", params, {"stage": "pretrain", "code_version": __version__,
+                                                     "data_fingerprint": manifest_fingerprint(samples.rows)})
+        torch.manual_seed(seed)
+        y = torch.from_numpy(samples.labels)
+        fold = FoldData(samples.images, y, samples.images[:0], y[:0], samples.masks,
+                        torch.from_numpy(samples.mask_known))
+        trainer = FoldTrainer(build_member(cfg), fold, cfg, out / "checkpoints", seed)
+        result = trainer.fit(on_epoch=lambda epoch, rec: tracker.log_metrics(run_id, rec, step=epoch), progress=progress)
+        weights = out / "weights.pt"
+        torch.save({k: v.cpu() for k, v in trainer.model.state_dict().items()}, weights.with_suffix(".tmp"))
+        weights.with_suffix(".tmp").replace(weights)
+        summary = {
+            "weights": str(weights), "patients": n_patients, "seed": seed, "slices": len(samples),
+            "per_class_slices": np.bincount(samples.labels, minlength=3).tolist(),
+            "data_fingerprint": manifest_fingerprint(samples.rows), "epochs": result["epochs_run"],
+            "train_loss": [round(h["train_loss"], 4) for h in result["history"]],
+            "config": cfg.to_dict(), "seconds": round(time.perf_counter() - start, 1), "lung_effnet_version": __version__,
+            "mlflow": {"tracking_uri": tracker.uri, "run_id": run_id},
+        }
+        (out / "pretrain.json").write_text(json.dumps(summary, indent=2))
+        tracker.log_artifacts(run_id, [out / "pretrain.json", weights], "pretrain")
+        tracker.finish(run_id)
     log.info("pretrained weights: %s (%d slices, %.0f s)", weights, len(samples), summary["seconds"])
     return summary

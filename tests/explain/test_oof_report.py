@@ -79,11 +79,16 @@ def _group_sizes(run, proba):
 
 
 def test_report_command_rebuilds_from_the_folder_and_from_the_mlflow_run_id(tiny, tmp_path, monkeypatch, capsys):
+    import tempfile
+
     monkeypatch.setenv("LUNG_EFFNET_CACHE_DIR", str(tiny["cache"]))
     assert main(["report", "--run", str(tiny["run"]), "--out", str(tmp_path / "a"), "--top", "1", "-q"]) == 0
     parent = tiny["summary"]["mlflow"]["parent_run_id"]
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # where the run's files are downloaded
     assert main(["report", "--run", parent, "--tracking-uri", tiny["uri"], "--out", str(tmp_path / "b"), "--top", "1",
                  "--method", "gradcampp"]) == 0
+    assert list((tmp_path / "tmp").iterdir()) == []  # the download (manifest paths, model) is gone
     assert "randomization test: median rho" in capsys.readouterr().out
     for name in ("a", "b"):
         assert (tmp_path / name / "report.html").stat().st_size > 10_000

@@ -113,3 +113,85 @@ def test_a_source_given_relative_to_the_working_directory_reads_back(tmp_path, m
     back = read_manifest(tmp_path / "out" / "manifest.csv")
     assert [r["path"] for r in back] == [r["path"] for r in result.rows]
     assert all(Path(r["path"]).is_absolute() and Path(r["path"]).is_file() for r in back)
+
+
+def _png(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(array, np.uint8)).save(path)
+    return path
+
+
+def test_bad_masks_are_error_rows_and_the_samples_are_kept_without_them(tmp_path, read_csv):
+    """A mask_path that is not a mask of its slice (a text file, another size, grey levels, a label
+    map, a slice it lacks, a missing file) is one error row naming the mask and why; the sample stays,
+    without its mask, and training's preprocessing (where it used to crash) takes every row."""
+    from lung_effnet.config import DataConfig
+    from lung_effnet.io.volume import canonical_affine, write_nifti
+    from lung_effnet.preprocess.cache import build_sample_set
+
+    lesion = np.zeros((32, 32), np.uint8)
+    lesion[10:20, 12:22] = 255
+    for i in range(7):
+        _image(tmp_path / "img" / f"{i}.png", i)
+    _png(tmp_path / "masks" / "good.png", lesion)
+    _png(tmp_path / "masks" / "good01.png", lesion // 255)
+    _png(tmp_path / "masks" / "small.png", lesion[:16, :16])
+    _png(tmp_path / "masks" / "grey.png", np.random.default_rng(0).integers(0, 255, (32, 32)))
+    (tmp_path / "masks" / "notes.png").write_text("not an image")
+    (tmp_path / "masks" / "notes.txt").write_text("not a mask")
+    hu = np.full((3, 32, 32), -800.0)
+    hu[:, 8:24, 8:24] = 40.0
+    affine = canonical_affine((2.0, 1.0, 1.0))
+    write_nifti(tmp_path / "vol" / "ct.nii.gz", hu, affine)
+    labelmap = np.zeros((3, 32, 32), np.uint8)
+    labelmap[1, 10:14, 10:14], labelmap[1, 20:24, 20:24] = 1, 2
+    write_nifti(tmp_path / "masks" / "labelmap.nii.gz", labelmap, affine, dtype=np.uint8)
+    write_nifti(tmp_path / "masks" / "two_slices.nii.gz", labelmap[:2] > 0, affine, dtype=np.uint8)
+    manifest = _write(tmp_path / "m.csv", ["path", "label", "patient_id", "slice_index", "mask_path"], [
+        ["img/0.png", "benign", "A", "", "masks/good.png"],
+        ["img/1.png", "benign", "B", "", "masks/good01.png"],
+        ["img/2.png", "malignant", "C", "", "masks/small.png"],
+        ["img/3.png", "malignant", "D", "", "masks/grey.png"],
+        ["img/4.png", "normal", "E", "", "masks/notes.png"],
+        ["img/5.png", "normal", "F", "", "masks/notes.txt"],
+        ["img/6.png", "normal", "G", "", "masks/missing.png"],
+        ["vol/ct.nii.gz", "malignant", "H", "1", "masks/labelmap.nii.gz"],
+        ["vol/ct.nii.gz", "malignant", "H", "2", "masks/two_slices.nii.gz"],
+    ])
+    result = ingest(manifest, tmp_path / "out", progress=False)
+    errors = {r["path"]: r for r in read_csv(tmp_path / "out" / "errors.csv")}
+    assert set(errors) == {"masks/small.png", "masks/grey.png", "masks/notes.png", "masks/notes.txt",
+                           "masks/missing.png", "masks/labelmap.nii.gz", "masks/two_slices.nii.gz"}, errors
+    assert all(e["stage"] == "mask" and "used without a mask" in e["reason"] for e in errors.values())
+    assert "mask size 16 x 16 differs from its image's 32 x 32" in errors["masks/small.png"]["reason"]
+    assert "not a binary mask" in errors["masks/grey.png"]["reason"]
+    assert "not a binary mask" in errors["masks/labelmap.nii.gz"]["reason"] and "2" in errors["masks/labelmap.nii.gz"]["reason"]
+    assert "not readable as an image" in errors["masks/notes.png"]["reason"]
+    assert "not readable as a NIfTI volume" in errors["masks/notes.txt"]["reason"]
+    assert "mask file not found" in errors["masks/missing.png"]["reason"]
+    assert "mask has no slice 2 (it has 2)" in errors["masks/two_slices.nii.gz"]["reason"]
+    rows = read_csv(tmp_path / "out" / "manifest.csv")
+    assert len(rows) == 9  # every sample kept
+    assert [Path(r["mask_path"]).name for r in rows if r["mask_path"]] == ["good.png", "good01.png"]
+    samples = build_sample_set(result.rows, DataConfig(image_size=32, crop="none", context_slices=0), tmp_path / "cache",
+                               progress=False)
+    assert samples.mask_known is not None and samples.mask_known.sum() == 2
+    assert samples.masks[samples.mask_known].sum() > 0
+
+
+def test_a_label_map_as_a_series_mask_is_an_error_row(tmp_path, read_csv):
+    """Tree sources check masks too: right shape, but not binary."""
+    from lung_effnet.io.volume import canonical_affine, write_nifti
+
+    affine = canonical_affine((2.0, 1.0, 1.0))
+    hu = np.full((3, 32, 32), -800.0)
+    write_nifti(tmp_path / "src" / "ct.nii.gz", hu, affine)
+    labelmap = np.zeros((3, 32, 32), np.uint8)
+    labelmap[1, 4:8, 4:8] = 3
+    write_nifti(tmp_path / "masks" / "m.nii.gz", labelmap, affine, dtype=np.uint8)
+    labels = _write(tmp_path / "labels.csv", ["path", "label", "patient_id", "mask_path"],
+                    [["src/ct.nii.gz", "benign", "A", "masks/m.nii.gz"]])
+    ingest(tmp_path / "src", tmp_path / "out", labels_csv=labels, progress=False)
+    errors = read_csv(tmp_path / "out" / "errors.csv")
+    assert len(errors) == 1 and errors[0]["stage"] == "mask" and "not a binary mask" in errors[0]["reason"], errors
+    assert {r["mask_path"] for r in read_csv(tmp_path / "out" / "manifest.csv")} == {""}

@@ -43,3 +43,46 @@ def test_processes_that_create_the_key_at_once_all_get_the_same_key(tmp_path):
     assert len(set(keys)) == 1 and len(keys[0]) == 64
     assert open(key_file).read().strip() == keys[0]
     assert [p.name for p in tmp_path.iterdir()] == ["hash.key"]  # no temporary file left behind
+
+
+def test_uid_pseudonym_is_a_keyed_valid_dicom_uid():
+    """``2.25.`` + the first 16 bytes of HMAC-SHA256(key, uid) in decimal: a valid UID (digits, no
+    leading zero, at most 64 characters), the same for one key, another for another key."""
+    import hashlib
+    import hmac
+    import re
+
+    uid = "1.2.840.113619.2.55.3.604688119.971.1171312521.123"
+    a = privacy.uid_pseudonym(uid, b"key-one-0123456789")
+    assert re.fullmatch(r"2\.25\.(0|[1-9][0-9]*)", a) and len(a) <= 64 and int(a[5:]) < 2**128
+    assert a == f"2.25.{int.from_bytes(hmac.new(b'key-one-0123456789', uid.encode(), hashlib.sha256).digest()[:16], 'big')}"
+    assert privacy.uid_pseudonym(uid, b"key-one-0123456789") == a
+    assert privacy.uid_pseudonym(uid, b"key-two-0123456789") != a
+    assert privacy.uid_pseudonym(uid + "1", b"key-one-0123456789") != a
+
+
+def test_uid_pseudonyms_map_uids_only_once_and_never_show_the_key(tmp_path):
+    key_file = tmp_path / "uid.key"
+    key_file.write_text("a-secret-key-of-some-length\n")
+    uids = privacy.UidPseudonyms.from_key_file(key_file)
+    assert uids("1.2.3.4") == privacy.uid_pseudonym("1.2.3.4", b"a-secret-key-of-some-length")  # newline stripped
+    assert uids(uids("1.2.3.4")) == uids("1.2.3.4")  # mapping twice is harmless
+    assert uids("vol/ct.nii.gz") == "vol/ct.nii.gz" and uids("") == ""  # a path standing in for a UID stays
+    assert uids.identifier("STUDY-17").startswith("2.25.")  # study ids are mapped whatever they look like
+    rows = [{"series_uid": "1.2.3.4", "study_id": "1.2.3", "path": "1.2.3.4/a.dcm"}]
+    uids.apply(rows)
+    assert rows[0]["path"] == "1.2.3.4/a.dcm" and rows[0]["series_uid"] == uids("1.2.3.4")
+    assert rows[0]["study_id"] == uids("1.2.3")
+    assert "secret" not in repr(uids) and "secret" not in uids.fingerprint
+    other = tmp_path / "other.key"
+    other.write_text("another-secret-key-0123")
+    assert privacy.UidPseudonyms.from_key_file(other).fingerprint != uids.fingerprint
+
+
+def test_patient_pseudonyms_did_not_change():
+    """The UID pseudonyms share the keyed hash with the patient pseudonyms; the latter are unchanged."""
+    import hashlib
+    import hmac
+
+    expected = hmac.new(privacy.hash_key(), b"12345678", hashlib.sha256).hexdigest()[:16]
+    assert privacy.pseudonym("12345678") == f"P-{expected}"

@@ -256,3 +256,32 @@ def test_building_models_never_touches_the_network(monkeypatch, weights_file):
         create_model(in_channels=in_channels)
     create_model(pretrained_weights=weights_file)
     model_summary("efficientnet-b7")
+
+
+def test_a_weights_file_without_read_permission_is_one_config_error(tmp_path):
+    """``check_weights`` (what ``train`` calls first) names the key and the path. Tests run as root, whom
+    permissions do not stop: the check runs in a process without the capabilities that bypass them."""
+    import os
+    import shlex
+    import shutil
+    import subprocess
+    import sys
+
+    weights, hidden = tmp_path / "weights.pt", tmp_path / "closed" / "weights.pt"
+    for path in (weights, hidden):
+        path.parent.mkdir(exist_ok=True)
+        torch.save({"_fc.bias": torch.zeros(3)}, path)
+    weights.chmod(0)
+    hidden.parent.chmod(0)  # a folder that cannot be searched: Path.is_file() raises there
+    code = ("from lung_effnet.models.factory import check_weights\n"
+            f"for path in ({str(weights)!r}, {str(hidden)!r}):\n"
+            "    try:\n        check_weights(path)\n    except Exception as exc:\n        print(type(exc).__name__, exc)")
+    command = [sys.executable, "-c", code]
+    if os.geteuid() == 0:
+        if shutil.which("capsh") is None:
+            pytest.skip("running as root without capsh: a permission cannot be denied")
+        command = ["capsh", "--drop=cap_dac_override,cap_dac_read_search", "--", "-c", shlex.join(command)]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    hidden.parent.chmod(0o700)
+    assert out.stdout.splitlines() == [f"ConfigError model.pretrained_weights: cannot read {path}: Permission denied"
+                                       for path in (weights, hidden)], out.stderr[-2000:]

@@ -43,7 +43,7 @@ def test_volume_path_equals_the_per_slice_chain(volume, image_size, context_slic
     np.testing.assert_array_equal(fast, _per_slice(hu, "HU", cfg, spacing))
 
 
-@pytest.mark.parametrize("scale", [1.0, 257.0])  # 8-bit and 16-bit grey
+@pytest.mark.parametrize("scale", [1.0, 16.0, 257.0])  # 8-bit, 12-bit and 16-bit grey
 def test_grey_images_equal_the_per_sample_chain(scale):
     grey = np.random.default_rng(0).integers(0, 256, (1, 70, 45)).astype(np.float32) * scale
     grey[0, :, :5] = 0.0  # a dark border, cropped away as background

@@ -40,7 +40,7 @@ MODEL_SETTINGS = ["data.image_size=32", "data.context_slices=0", "model.zero_ini
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A 2-fold b0 ensemble at 32 px in the folder ``train`` writes (``save_model_dir``), also logged
-    and registered in a local MLflow store the way ``train`` does it (``log_model_to_mlflow``).
+    and registered in a local MLflow store the way ``train`` does it (``log_model_dir``).
 
     Not trained: a one-epoch tiny training leaves BatchNorm statistics near their initial values
     and every slice gets the same probabilities, which would make the comparisons below toothless.
@@ -51,9 +51,8 @@ def trained(tmp_path_factory):
     import torch
     from torch import nn
 
-    import lung_effnet
     from lung_effnet.models.predictor import build_member, save_model_dir
-    from lung_effnet.tracking import local_artifact_location, log_model_to_mlflow
+    from lung_effnet.tracking import local_artifact_location, log_model_dir
 
     root = tmp_path_factory.mktemp("model")
     cfg = load_config(None, MODEL_SETTINGS)
@@ -73,8 +72,7 @@ def trained(tmp_path_factory):
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.create_experiment("score-tiny", artifact_location=local_artifact_location(uri))
     with mlflow.start_run(experiment_id=experiment):
-        model_uri = log_model_to_mlflow(lung_effnet.load_model(model_dir), model_dir, torch.rand(2, 1, 32, 32),
-                                        register_as="score-tiny", alias="candidate")
+        model_uri = log_model_dir(model_dir, register_as="score-tiny", alias="candidate")
     return model_dir, uri, model_uri
 
 

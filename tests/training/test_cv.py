@@ -167,3 +167,92 @@ def test_data_without_patient_ids_trains_with_a_recorded_warning(tmp_path, cache
     assert summary["patient_ids"].startswith("missing")
     tags = MlflowClient(tracking_uri=uri).get_run(summary["mlflow"]["parent_run_id"]).data.tags
     assert tags["patient_ids"] == "missing" and "NO PATIENT IDS" in tags["warnings"]
+
+
+@pytest.mark.slow  # two trainings through MLflow: ~40-90 s on 2 cores; the unit tests below cover the parts
+def test_a_failed_run_ends_its_mlflow_runs_failed_and_resumes_from_another_directory(tiny_data, tmp_path, cache_env,
+                                                                                      monkeypatch):
+    """A crash marks the parent and the fold in progress FAILED (not RUNNING for ever); ``--resume`` from
+    another working directory finds the same store (the default, relative ``sqlite:///mlflow.db``) and runs."""
+    from mlflow.tracking import MlflowClient
+
+    from lung_effnet.training import cv
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    out, labels = tmp_path / "run", tiny_data / "labels.csv"
+    cfg = load_config(None, [*TINY, "cv.folds=2", "train.epochs=1", "report.enabled=false", "tracking.experiment=crash"])
+    monkeypatch.chdir(tmp_path / "a")
+    real = cv.predict_proba
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(cv, "predict_proba", crash)  # after fold 0's training, before it is finished
+    with pytest.raises(RuntimeError, match="disk full"):
+        run_cv(tiny_data, out, cfg, labels_csv=labels, progress=False)
+    uri = f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("crash").experiment_id
+    assert sorted(r.info.status for r in client.search_runs([experiment])) == ["FAILED", "FAILED"]  # parent, fold 0
+
+    monkeypatch.setattr(cv, "predict_proba", real)
+    monkeypatch.chdir(tmp_path / "b")
+    summary = run_cv(tiny_data, out, cfg, labels_csv=labels, resume=True, progress=False)
+    assert summary["mlflow"]["tracking_uri"] == uri and not (tmp_path / "b" / "mlflow.db").exists()
+    runs = client.search_runs([experiment])
+    assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}
+
+
+def test_runs_left_open_by_an_error_end_failed_and_by_ctrl_c_killed(tmp_path):
+    from lung_effnet.tracking import CVTracker
+
+    tracker = CVTracker(f"sqlite:///{tmp_path / 'k.db'}", "ended", tmp_path / "state.json")
+    parent, fold = tracker.parent("p", {}, {}), tracker.fold(0)
+    with pytest.raises(RuntimeError), tracker.ending_runs_on_error():
+        raise RuntimeError("disk full")
+    assert {tracker.client.get_run(r).info.status for r in (parent, fold)} == {"FAILED"}
+
+    assert tracker.parent("p", {}, {}) == parent and tracker.fold(0) == fold  # --resume: running again
+    tracker.finish(fold)
+    current = tracker.fold(1)
+    with pytest.raises(KeyboardInterrupt), tracker.ending_runs_on_error():
+        raise KeyboardInterrupt
+    statuses = {run_id: tracker.client.get_run(run_id).info.status for run_id in (parent, fold, current)}
+    assert statuses == {parent: "KILLED", fold: "FINISHED", current: "KILLED"}
+
+
+def test_a_run_remembers_its_store_so_resume_works_from_another_directory(tmp_path, monkeypatch):
+    """The default store, ``sqlite:///mlflow.db``, is relative: the run records it absolute in its state file."""
+    from lung_effnet.errors import InputError
+    from lung_effnet.tracking import CVTracker, resolve_tracking_uri, run_tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    state = tmp_path / "run" / "mlflow_run.json"
+    state.parent.mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    parent = CVTracker(run_tracking_uri(state), "remembered", state).parent("p", {}, {})
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow.set_tracking_uri sets it: a new process has not
+    monkeypatch.chdir(tmp_path / "b")
+    uri = run_tracking_uri(state)
+    assert uri == f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}" != resolve_tracking_uri()
+    assert CVTracker(uri, "remembered", state).parent("p", {}, {}) == parent
+    with pytest.raises(InputError, match="is tracked in"):  # another store, asked for by name: refused
+        run_tracking_uri(state, cli_uri="sqlite:///mlflow.db")
+
+
+def test_unusable_pretrained_weights_stop_at_once_naming_the_key_and_the_file(tiny_data, tmp_path, capsys):
+    from lung_effnet.cli import main
+
+    weights = tmp_path / "weights.pt"
+    weights.write_bytes(b"\x00 not a checkpoint")
+    code = main(["train", "-q", "--data", str(tiny_data), "--labels", str(tiny_data / "labels.csv"), "--out", str(tmp_path / "o"),
+                 "--tracking-uri", f"sqlite:///{tmp_path / 'w.db'}", "--set", f"model.pretrained_weights={weights}"]
+                + [a for o in TINY for a in ("--set", o)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert err.startswith(f"lung-effnet train: error: model.pretrained_weights: cannot read {weights} as a PyTorch state dict")
+    assert not (tmp_path / "o" / "ingest").exists()  # stopped before any work

@@ -111,3 +111,60 @@ def test_lesion_loss_trains_a_head_on_known_masks_only_and_leaves_the_model_clea
     probe.remove()
     off = FoldTrainer(build_member(cfg), FoldData(x, y, x[:0], y[:0]), cfg, tmp_path / "off", seed=0)
     assert off.lesion_head is None  # no masks: nothing added
+
+
+class _Payload:
+    """Unpickling this runs code: it creates the folder ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.makedirs, (str(self.marker),))
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "plateau"])
+def test_last_checkpoint_resumes_as_tensors_and_plain_numbers_only(tmp_path, scheduler):
+    """``last.pt`` loads with ``weights_only=True``: the optimizer, the scheduler, the random generators and
+    the history (NumPy metrics included) come back without unpickling any object."""
+    rng = np.random.default_rng(0)
+    x, y = disks(16, 32, rng)
+    cfg = load_config("demo_cpu", ["data.image_size=32", "data.context_slices=0", "train.epochs=2", "train.batch_size=8",
+                                   f"train.scheduler={scheduler}"])
+    torch.manual_seed(0)
+    trainer = FoldTrainer(build_member(cfg), FoldData(x, y, x[:6], y[:6]), cfg, tmp_path / "fold", seed=0)
+    for param in trainer.model.parameters():  # one optimizer and scheduler step (a forward pass costs seconds here)
+        param.grad = torch.full_like(param, 0.01)
+    trainer.optimizer.step()
+    trainer.scheduler.step(*([0.5] if scheduler == "plateau" else []))
+    trainer.history.append({"epoch": 0, "val_auroc_macro": np.float64(0.5), "lr": np.float32(1e-4)})
+    trainer.best_score, trainer.epoch = np.float64(0.5), 1
+    trainer.fold_dir.mkdir(parents=True)
+    torch.save(trainer.state(), trainer.fold_dir / "last.pt")
+    torch.load(trainer.fold_dir / "last.pt", weights_only=True)  # nothing but tensors and plain containers
+
+    again = FoldTrainer(build_member(cfg), FoldData(x, y, x[:6], y[:6]), cfg, tmp_path / "fold", seed=0)
+    assert again.resume()
+    assert again.epoch == 1 and again.best_score == 0.5 and again.history[0]["val_auroc_macro"] == 0.5
+    assert torch.equal(again.sample_gen.get_state(), trainer.sample_gen.get_state())
+    assert again.optimizer.state_dict()["state"].keys() == trainer.optimizer.state_dict()["state"].keys()
+    for a, b in zip(again.model.state_dict().values(), trainer.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_a_planted_last_checkpoint_is_refused_unread(tmp_path):
+    """``--resume`` reads ``last.pt`` with ``weights_only=True``: a pickle that runs code is refused, not run."""
+    from lung_effnet.errors import InputError
+
+    rng = np.random.default_rng(0)
+    x, y = disks(8, 32, rng)
+    cfg = load_config("demo_cpu", ["data.image_size=32", "data.context_slices=0", "train.batch_size=8"])
+    trainer = FoldTrainer(build_member(cfg), FoldData(x, y, x[:0], y[:0]), cfg, tmp_path / "fold", seed=0)
+    trainer.fold_dir.mkdir(parents=True)
+    marker = tmp_path / "code-ran"
+    torch.save({"epoch": 1, "model": _Payload(marker)}, trainer.fold_dir / "last.pt")
+    with pytest.raises(InputError, match=r"last\.pt: not a checkpoint lung-effnet can resume from \(it holds Python objects"):
+        trainer.resume()
+    assert not marker.exists()
