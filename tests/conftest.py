@@ -1,10 +1,12 @@
 """Shared fixtures: a fixed pseudonym key (never the user's), quiet progress bars, CSV reading,
-pydicom's own test files, and the easy-phantom run of ``tests/easy_run.py`` for the saliency tests."""
+pydicom's own test files, an untrained tiny fold ensemble, folders the walk may not list, and the
+easy-phantom run of ``tests/easy_run.py`` for the saliency tests."""
 
 
 from __future__ import annotations
 
 import csv
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -40,6 +42,53 @@ def pydicom_test_files() -> Path:
     import pydicom
 
     return Path(pydicom.__file__).parent / "data" / "test_files"
+
+
+TINY_MODEL_SETTINGS = ["data.image_size=32", "data.context_slices=0", "model.zero_init_head=false"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-fold b0 ensemble at 32 px, 1 channel, in the folder ``train`` writes (``save_model_dir``;
+    config ``TINY_MODEL_SETTINGS``). Do not change its files: tests of several modules share it.
+
+    Not trained: a one-epoch tiny training leaves BatchNorm statistics near their initial values
+    and every slice gets the same probabilities, which would make comparisons toothless.
+    Statistics set by forward passes on noise give a model whose output depends on the slice."""
+    import torch
+    from torch import nn
+
+    from lung_effnet.config import load_config
+    from lung_effnet.models.predictor import build_member, save_model_dir
+
+    cfg = load_config(None, TINY_MODEL_SETTINGS)
+    states = []
+    for fold in range(2):
+        torch.manual_seed(fold)
+        member = build_member(cfg)
+        for module in member.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.momentum = None  # cumulative average of the batches below
+        with torch.no_grad():
+            for _ in range(4):
+                member(torch.rand(16, 1, 32, 32))
+        states.append(member.state_dict())
+    return save_model_dir(tmp_path_factory.mktemp("tiny-model") / "model", cfg, states)
+
+
+@pytest.fixture
+def locked_folders(monkeypatch) -> None:
+    """Folders named ``locked`` cannot be listed (``os.scandir`` raises ``PermissionError``), as for a
+    process without permission on them: the walk's handling, without a process that drops root's
+    permission bypass (the real thing: the ``unprivileged`` fixture)."""
+    real_scandir = os.scandir
+
+    def scandir(path):
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
 
 
 @pytest.fixture(scope="session")

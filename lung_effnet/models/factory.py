@@ -172,11 +172,7 @@ def load_pretrained(model: nn.Module, path: str | Path, in_channels: int) -> dic
             do not fit the model (``InputError``).
     """
     path = resolve_weights(path)
-    try:
-        found = path.is_file()
-    except OSError as exc:  # a folder on the way that cannot be searched
-        raise ConfigError(f"model.pretrained_weights: cannot read {path}: {exc.strerror or type(exc).__name__}") from None
-    if not found:
+    if not _is_file(path):
         raise MissingInputError(f"pretrained weights file not found: {path}")
     model_in = cast(nn.Conv2d, model._conv_stem).in_channels  # __getattr__ is typed Tensor | Module
     if in_channels != model_in:
@@ -206,6 +202,14 @@ def load_pretrained(model: nn.Module, path: str | Path, in_channels: int) -> dic
     return report
 
 
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``; a folder on the way that cannot be searched is a ``ConfigError`` naming the key."""
+    try:
+        return path.is_file()
+    except OSError as exc:
+        raise ConfigError(f"model.pretrained_weights: cannot read {path}: {exc.strerror or type(exc).__name__}") from None
+
+
 def check_weights(name_or_path: str | Path) -> Path:
     """The file a ``model.pretrained_weights`` setting names, after reading it as a state dict: ``train``
     calls this before any work, so a wrong name or a file that cannot be used stops at once.
@@ -215,11 +219,7 @@ def check_weights(name_or_path: str | Path) -> Path:
             not hold a state dict; one line naming the key and the path.
     """
     path = resolve_weights(name_or_path)
-    try:
-        found = path.is_file()
-    except OSError as exc:  # a folder on the way that cannot be searched
-        raise ConfigError(f"model.pretrained_weights: cannot read {path}: {exc.strerror or type(exc).__name__}") from None
-    if not found:
+    if not _is_file(path):
         raise ConfigError(f"model.pretrained_weights: file not found: {path}")
     _load_state(path)
     return path

@@ -122,20 +122,12 @@ def test_the_walk_reports_symlink_loops_broken_links_and_undecodable_names(tmp_p
         name.encode("utf-8")  # every name can be written to a UTF-8 CSV
 
 
-def test_the_walk_reports_a_folder_it_cannot_read(tmp_path, monkeypatch):
+def test_the_walk_reports_a_folder_it_cannot_read(tmp_path, locked_folders):
     """The real thing needs a process without root's permission bypass (tests/ingest, tests/scoring);
     here os.walk is told the folder cannot be listed, as it is then."""
     (tmp_path / "open").mkdir()
     (tmp_path / "open" / "a.dcm").write_bytes(b"x")
     (tmp_path / "locked").mkdir()
-    real_scandir = os.scandir
-
-    def scandir(path):
-        if Path(path).name == "locked":
-            raise PermissionError(13, "Permission denied", str(path))
-        return real_scandir(path)
-
-    monkeypatch.setattr(os, "scandir", scandir)
     files, problems = walk_files(tmp_path)
     assert files == [tmp_path / "open" / "a.dcm"]
     ledger = Ledger()

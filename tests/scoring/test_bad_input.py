@@ -17,30 +17,21 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-import torch
 from PIL import Image
 
-from lung_effnet.config import load_config
 from lung_effnet.io.volume import NON_FINITE, canonical_affine, write_nifti
 from lung_effnet.scoring.discover import discover
 from lung_effnet.scoring.prepare import prepare_unit
 from lung_effnet.synthetic.dataset import write_synthetic_dataset
-from tests.scoring.test_score import MODEL_SETTINGS, _run_cli
+from tests.scoring.test_score import _run_cli
 
 LONG = ["x" * 90, "y" * 90, "z" * 90]  # a relative path of ~290 characters, each part a valid name
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
+def model(tiny_model_dir) -> Path:
     """A 2-fold b0 ensemble at 32 px, untrained (these tests are about rows and exit codes)."""
-    from lung_effnet.models.predictor import build_member, save_model_dir
-
-    cfg = load_config(None, MODEL_SETTINGS)
-    states = []
-    for fold in range(2):
-        torch.manual_seed(fold)
-        states.append(build_member(cfg).state_dict())
-    return save_model_dir(tmp_path_factory.mktemp("model") / "model", cfg, states)
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -161,19 +152,11 @@ def test_undecodable_names_and_symlink_loops_are_rows(model, sources, tmp_path, 
     assert len(read_csv(tmp_path / "out" / "files.csv")) == 6
 
 
-def test_an_unreadable_folder_is_an_error_row_and_counted(model, sources, tmp_path, monkeypatch, read_csv):
+def test_an_unreadable_folder_is_an_error_row_and_counted(model, sources, tmp_path, locked_folders, read_csv):
     """As os.walk sees a folder it may not list (the real thing, slower, is the next test)."""
     root = tmp_path / "in"
     shutil.copytree(sources["series"][0], root / "open")
     shutil.copytree(sources["series"][1], root / "locked")
-    real_scandir = os.scandir
-
-    def scandir(path):
-        if Path(path).name == "locked":
-            raise PermissionError(13, "Permission denied", str(path))
-        return real_scandir(path)
-
-    monkeypatch.setattr(os, "scandir", scandir)
     code, printed = _score(model, root, tmp_path / "out")
     assert code == 0, printed
     errors = read_csv(tmp_path / "out" / "errors.csv")

@@ -20,7 +20,6 @@ import torch
 
 from lung_effnet.classes import CLASSES
 from lung_effnet.cli import main
-from lung_effnet.config import load_config
 from lung_effnet.io.dicom_index import list_files
 from lung_effnet.scoring import TOP_K, OutputMismatchError, aggregate_series, score_archive
 from lung_effnet.scoring.journal import Journal
@@ -34,40 +33,20 @@ CANARIES = {
     "InstitutionName": "Canary Scoring Hospital Qx",
 }
 OUTPUTS = ("predictions.csv", "slice_scores.csv", "files.csv", "errors.csv")
-MODEL_SETTINGS = ["data.image_size=32", "data.context_slices=0", "model.zero_init_head=false"]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A 2-fold b0 ensemble at 32 px in the folder ``train`` writes (``save_model_dir``), also logged
-    and registered in a local MLflow store the way ``train`` does it (``log_model_dir``).
-
-    Not trained: a one-epoch tiny training leaves BatchNorm statistics near their initial values
-    and every slice gets the same probabilities, which would make the comparisons below toothless.
-    Statistics set by forward passes on noise give a model whose output depends on the slice.
+def trained(tmp_path_factory, tiny_model_dir):
+    """The tiny ensemble of ``tiny_model_dir`` (``tests/conftest.py``), also logged and registered in a
+    local MLflow store the way ``train`` does it (``log_model_dir``).
     Returns ``(model_dir, tracking_uri, logged model URI)``.
     """
     import mlflow
-    import torch
-    from torch import nn
 
-    from lung_effnet.models.predictor import build_member, save_model_dir
     from lung_effnet.tracking import local_artifact_location, log_model_dir
 
     root = tmp_path_factory.mktemp("model")
-    cfg = load_config(None, MODEL_SETTINGS)
-    states = []
-    for fold in range(2):
-        torch.manual_seed(fold)
-        member = build_member(cfg)
-        for module in member.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.momentum = None  # cumulative average of the batches below
-        with torch.no_grad():
-            for _ in range(4):
-                member(torch.rand(16, 1, 32, 32))
-        states.append(member.state_dict())
-    model_dir = save_model_dir(root / "model", cfg, states)
+    model_dir = tiny_model_dir
     uri = f"sqlite:///{root / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.create_experiment("score-tiny", artifact_location=local_artifact_location(uri))

@@ -15,11 +15,9 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-import torch
 from PIL import Image
 
 from lung_effnet.cli import main
-from lung_effnet.config import load_config
 from lung_effnet.io.ledger import read_csv_rows
 from lung_effnet.synthetic.dataset import write_synthetic_dataset
 
@@ -30,24 +28,9 @@ PSEUDONYM = re.compile(r"^2\.25\.(0|[1-9][0-9]*)$")
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
+def model_dir(tiny_model_dir):
     """A 2-fold b0 ensemble at 32 px (untrained; BatchNorm statistics from noise), as ``train`` saves it."""
-    from torch import nn
-
-    from lung_effnet.models.predictor import build_member, save_model_dir
-
-    cfg = load_config(None, ["data.image_size=32", "data.context_slices=0", "model.zero_init_head=false"])
-    states = []
-    for fold in range(2):
-        torch.manual_seed(fold)
-        member = build_member(cfg)
-        for module in member.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.momentum = None
-        with torch.no_grad():
-            member(torch.rand(8, 1, 32, 32))
-        states.append(member.state_dict())
-    return save_model_dir(tmp_path_factory.mktemp("model") / "model", cfg, states)
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")
