@@ -14,8 +14,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from lung_effnet.config import TrackingConfig
 from lung_effnet.errors import LungEffNetError, NoUsableInputError, UsageError
-from lung_effnet.tracking import disable_telemetry
+from lung_effnet.tracking import configure_http, disable_telemetry
 from lung_effnet.version import __version__
 
 log = logging.getLogger("lung_effnet")
@@ -183,12 +184,21 @@ def cmd_synth(args) -> int:
     return 0
 
 
+def check_out_outside(out: Path, source: Path, flag: str) -> None:
+    """Refuse an ``--out`` that is the input folder or holds it: its outputs would mix with the input
+    (an ``--out`` inside the input is fine: the walk leaves it out)."""
+    if source.is_dir() and source.resolve().is_relative_to(out.resolve()):
+        raise UsageError(f"--out: {out} is or holds {flag} {source}: outputs would mix with the input; "
+                         f"give a folder outside {flag} (or one inside it)")
+
+
 def cmd_ingest(args) -> int:
     from lung_effnet.console import print_ingest_summary
     from lung_effnet.ingest.sources import ingest
 
     if args.labels is not None and not args.labels.is_file():
         raise UsageError(f"--labels: file not found: {args.labels}")
+    check_out_outside(args.out, args.source, "SOURCE")
     result = ingest(args.source, args.out, labels_csv=args.labels, write_nifti=args.nifti, progress=not args.quiet,
                     pseudonymize_uids=args.pseudonymize_uids)
     n_files = sum(result.ledger.counts().values())
@@ -211,6 +221,7 @@ def cmd_train(args) -> int:
         raise UsageError(f"--labels: file not found: {args.labels}")
     if not args.data.exists():
         raise UsageError(f"--data: not found: {args.data}")
+    check_out_outside(args.out, args.data, "--data")
     cfg = load_config(args.config, args.overrides)
     summary = run_cv(args.data, args.out, cfg, labels_csv=args.labels, tracking_uri=args.tracking_uri,
                      resume=args.resume, progress=not args.quiet)
@@ -244,10 +255,7 @@ def cmd_score(args) -> int:
         raise UsageError(f"--input: not found: {args.input}")
     if not is_model_uri(args.model) and not Path(args.model).exists():
         raise UsageError(f"--model: not found: {args.model}")
-    source, out = args.input.resolve(), args.out.resolve()
-    if source.is_dir() and (out == source or source.is_relative_to(out)):
-        raise UsageError(f"--out: {args.out} is or holds --input {args.input}: outputs would mix with the archive; "
-                         "give a folder outside --input (or one inside it)")
+    check_out_outside(args.out, args.input, "--input")
     summary = score_archive(args.model, args.input, args.out, batch_size=args.batch_size, device=args.device,
                             workers=args.workers, saliency=args.saliency, progress=not args.quiet,
                             pseudonymize_uids=args.pseudonymize_uids)
@@ -338,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     # imported, which happens later, so it is told through its own variable (a user's setting wins).
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     disable_telemetry()  # no usage telemetry from MLflow, in this process and those it starts (README, Privacy)
+    configure_http(TrackingConfig.timeout_s, TrackingConfig.retries)  # no MLflow call waits minutes (score/report on a URI)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     handler = {"synth": cmd_synth, "ingest": cmd_ingest, "train": cmd_train, "pretrain": cmd_pretrain, "score": cmd_score,
                "demo": cmd_demo,

@@ -4,13 +4,16 @@ registry alias), loading a logged model back and fetching a finished run's files
 
 Runs are addressed by id through ``MlflowClient`` (not the fluent "active run" stack), so a
 resumed training continues the same parent and fold runs. Metrics go in batches (``log_batch``),
-never one HTTP call per number. Nothing identifying a patient is logged: parameters are the
-config, tags are code version, data fingerprint and warnings; the logged model holds state dicts,
-its config and no input example.
+never one HTTP call per number. No DICOM patient tag is logged: parameters are the config, tags are
+code version, data fingerprint and warnings; the logged model holds state dicts, its config and no
+input example. The run's artifacts do hold what ``report --run`` needs: the manifest and out-of-fold
+predictions (paths, UIDs, pseudonymous patient ids) and the saliency report (training slices), so a
+store holds patient images like the train output folder does (README, "Privacy").
 
 Importing this module turns MLflow's usage telemetry off for the process (``MLFLOW_DISABLE_TELEMETRY``,
-``DO_NOT_TRACK``) and bounds MLflow's HTTP calls (``configure_http``); a user's own setting of these
-variables wins.
+``DO_NOT_TRACK``). MLflow's HTTP calls are bounded (``configure_http``) by the ``lung-effnet`` command for
+its whole process and by ``CVTracker`` for a run: a notebook's own MLflow calls keep MLflow's defaults
+until it trains. A user's own setting of these variables wins.
 """
 
 from __future__ import annotations
@@ -61,8 +64,6 @@ def configure_http(timeout_s: int, retries: int) -> None:
         if name not in os.environ or os.environ[name] == _HTTP_SET_HERE.get(name):
             os.environ[name] = _HTTP_SET_HERE[name] = str(int(value))
 
-
-configure_http(TrackingConfig.timeout_s, TrackingConfig.retries)
 
 
 def absolute_uri(uri: str) -> str:
@@ -356,8 +357,8 @@ def load_logged_model(uri: str, load_folder: Callable[[Path], T]) -> T:
             raise MissingInputError(f"{uri}: the MLflow model has no model folder at {pyfunc['data']!r}")
         if "pytorch" in flavors:
             raise MissingInputError(f"{uri}: this model was logged by lung-effnet 0.1 as a pickled PyTorch module, an "
-                                    "unsafe format (loading it runs code) that is no longer read; log it again from "
-                                    "its model folder (lung_effnet.tracking.log_model_dir) or retrain")
+                                    "unsafe format (loading it runs code) that is no longer read; use the train output "
+                                    "folder instead (score --model <out>/model, report --run <out>), or retrain")
         raise MissingInputError(f"{uri}: not a lung-effnet model (MLflow flavors: {', '.join(flavors) or 'none'})")
 
 

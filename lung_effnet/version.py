@@ -1,3 +1,3 @@
 """The package version, recorded in every run's outputs and MLflow tags."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"

@@ -153,6 +153,15 @@ def test_mlflow_http_calls_are_bounded_by_the_config_unless_the_user_set_them(mo
     assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7" and os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "5"
 
 
+def test_importing_the_library_leaves_mlflow_http_settings_to_the_user():
+    """A notebook that imports lung_effnet keeps MLflow's own timeouts for its own MLflow calls; only the
+    ``lung-effnet`` command and a training run (``CVTracker``) bound them."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_HTTP_REQUEST")}
+    code = "import os, lung_effnet.tracking; print(os.environ.get('MLFLOW_HTTP_REQUEST_TIMEOUT'))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "None"
+
+
 def test_mlflow_telemetry_is_off_in_the_package_s_processes(tmp_path, monkeypatch):
     """Importing the tracking code, and the CLI, set MLflow's and the common opt-out variables."""
     from lung_effnet.cli import main

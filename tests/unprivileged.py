@@ -48,7 +48,7 @@ def _nobody_uid() -> int | None:
 
 @cache
 def runner() -> tuple[Runner, str] | None:
-    """``(run, how)``: ``run(args, cwd=None, timeout=...)`` runs ``python -m lung_effnet.cli *args``
+    """``(run, how)``: ``run(args, timeout=...)`` runs ``python -m lung_effnet.cli *args``
     without permission-bypassing capabilities and returns the completed process (text output)."""
     cli = [sys.executable, "-m", "lung_effnet.cli"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}

@@ -10,12 +10,14 @@ Columns: ``path,label,patient_id`` and the optional ``study_id,series_uid,slice_
 - ``slice_index``: for volumes and DICOM series, the slice's index in the canonical (z up) order of
   its series; empty for 2D images. ``mask_path`` is a lesion mask with the same geometry: a 2D image
   of the slice's size, or a NIfTI volume whose slice ``slice_index`` (0 for a 2D sample) has the
-  slice's size; values 0 / 1, 0 / 255 or boolean. Ingest checks each one (``MaskCheck``).
+  slice's size; values 0 / 1, 0 / 255 or boolean (a JPEG-saved 0 / 255 mask is read thresholded at
+  128, ``io.masks``). Ingest checks each one (``MaskCheck``).
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -24,7 +26,8 @@ import numpy as np
 
 from lung_effnet.classes import CLASSES
 from lung_effnet.errors import ManifestError
-from lung_effnet.io.images2d import is_image_2d, read_image_2d
+from lung_effnet.io import masks
+from lung_effnet.io.images2d import is_image_2d
 from lung_effnet.io.ledger import Ledger, csv_value, write_csv
 from lung_effnet.io.nifti import read_nifti
 from lung_effnet.io.privacy import pseudonym
@@ -57,24 +60,37 @@ def read_table(path: str | Path, required: tuple[str, ...]) -> list[dict]:
     if not path.is_file():
         raise ManifestError(f"{path}: file not found")
     try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            columns = [c.strip() for c in (reader.fieldnames or [])]
-            missing = [c for c in required if c not in columns]
-            if missing:
-                raise ManifestError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(columns) or 'none'}")
-            return [{k.strip(): csv_value((v or "").strip()) for k, v in row.items() if k} for row in reader]
-    except UnicodeDecodeError as exc:
-        raise ManifestError(f"{path}: not UTF-8 text ({_encoding_hint(path)}byte 0x{exc.object[exc.start]:02x}: "
-                            f"{exc.reason}); save it as CSV UTF-8") from None
-    except csv.Error as exc:  # NUL bytes: a UTF-16 file without a byte-order mark, or not text at all
+        data = path.read_bytes()
+    except OSError as exc:  # no read permission, an I/O error: one line naming the file and the reason
+        raise ManifestError(f"{path}: not readable: {(exc.strerror or type(exc).__name__).lower()}") from None
+    text = _decoded_text(path, data)
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+        missing = [c for c in required if c not in columns]
+        if missing:
+            raise ManifestError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(columns) or 'none'}")
+        return [{k.strip(): csv_value((v or "").strip()) for k, v in row.items() if k} for row in reader]
+    except csv.Error as exc:
         raise ManifestError(f"{path}: not a CSV text file ({exc}); save it as CSV UTF-8") from None
 
 
-def _encoding_hint(path: Path) -> str:
-    with open(path, "rb") as fh:
-        head = fh.read(2)
-    return "UTF-16, by its byte-order mark; " if head in (b"\xff\xfe", b"\xfe\xff") else ""
+def _decoded_text(path: Path, data: bytes) -> str:
+    """``data`` as UTF-8 text (a UTF-8 byte-order mark dropped); a file in another encoding is one
+    ``ManifestError`` that says which, so the message is never a column list of NUL bytes."""
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise ManifestError(f"{path}: not UTF-8 text (UTF-16, by its byte-order mark); save it as CSV UTF-8")
+    if b"\x00" in data[:4096]:  # ASCII in UTF-16 without a byte-order mark is every other byte NUL
+        raise ManifestError(f"{path}: not UTF-8 text (NUL bytes: UTF-16 (no byte-order mark)? or not text at all); "
+                            "save it as CSV UTF-8")
+    bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+    try:
+        return data[bom:].decode("utf-8")
+    except UnicodeDecodeError as exc:  # Latin-1, Windows-1252...
+        position = bom + exc.start
+        line = data.count(b"\n", 0, position) + 1
+        raise ManifestError(f"{path}: not UTF-8 text (byte 0x{data[position]:02x} at position {position}, line {line}; "
+                            "Latin-1 or Windows-1252?): save it as CSV UTF-8") from None
 
 
 def read_manifest(path: str | Path) -> list[dict]:
@@ -97,15 +113,11 @@ def write_manifest(path: str | Path, rows: list[dict]) -> Path:
     return write_csv(path, MANIFEST_COLUMNS, rows)
 
 
-def mask_values_problem(mask: np.ndarray) -> str | None:
-    """Why ``mask`` is not a binary lesion mask (its non-zero values must all be 1, or all 255), or
-    ``None``. A label map (1, 2, 3...), a grey image or a NaN is refused rather than thresholded:
-    training reads ``mask > 0``, which would turn any of them into a lesion where there is none."""
-    values = mask[mask != 0]
-    if values.size == 0 or (values[0] in (1, 255) and (values == values[0]).all()):
-        return None
-    found = np.unique(values[:100_000])[:4]
-    return f"not a binary mask: values other than 0 and 1 (or 0 and 255), e.g. {', '.join(f'{v:g}' for v in found)}"
+def mask_values_problem(mask: np.ndarray, name: str = "") -> str | None:
+    """Why ``mask`` is not a usable lesion mask, or ``None``: ``io.masks.mask_values_problem`` (binary,
+    or near-binary 8-bit as JPEG saves a 0 / 255 mask, read with the threshold training uses). A label
+    map (1, 2, 3...), a grey image or a NaN is refused rather than thresholded."""
+    return masks.mask_values_problem(mask, name)
 
 
 class MaskCheck:
@@ -162,11 +174,11 @@ def _read_mask_file(path: str) -> tuple[tuple[int, ...], str | None]:
     if not Path(path).is_file():
         return (), "mask file not found"
     try:
-        mask = read_image_2d(path) if is_image_2d(path) else read_nifti(path).hu
+        mask = masks.read_mask_image(path) if is_image_2d(path) else read_nifti(path).hu
     except Exception as exc:  # not an image nor a NIfTI volume (a text file, a truncated file): one reason
         kind = "an image" if is_image_2d(path) else "a NIfTI volume"
         return (), f"mask not readable as {kind}: {type(exc).__name__}: {exc}"[:300]
-    return mask.shape, mask_values_problem(mask)
+    return mask.shape, mask_values_problem(mask, Path(path).name)
 
 
 def validate_rows(rows: list[dict], ledger: Ledger, rel, content_hash=None) -> list[dict]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from lung_effnet.classes import CLASSES
-from lung_effnet.errors import MissingInputError
+from lung_effnet.errors import InputError, MissingInputError
 from lung_effnet.ingest.labels import LabelTable
 from lung_effnet.ingest.manifest import (
     MaskCheck,
@@ -41,10 +42,10 @@ from lung_effnet.io.dicom_index import index_dicom_tree, record_walk_problems, r
 from lung_effnet.io.dicom_series import load_series
 from lung_effnet.io.images2d import is_image_2d, read_image_2d
 from lung_effnet.io.ledger import Ledger, write_csv
-from lung_effnet.io.names import safe_file_name
+from lung_effnet.io.names import safe_file_name, strip_volume_suffix
 from lung_effnet.io.nifti import is_nifti, read_nifti
 from lung_effnet.io.planes import read_sample_plane
-from lung_effnet.io.privacy import UidPseudonyms, warn_uid_like_paths
+from lung_effnet.io.privacy import UidPseudonyms, uid_note, warn_uid_like_paths
 from lung_effnet.io.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -98,19 +99,41 @@ def _digest(plane: np.ndarray) -> str:
 
 
 def has_class_folders(root: Path) -> bool:
-    return root.is_dir() and any(d.is_dir() and normalize_label(d.name) for d in root.iterdir())
+    """Whether ``root`` is a folder of class folders (``Bengin cases/``...); an unreadable ``root`` is an
+    ``InputError`` naming it."""
+    if not root.is_dir():
+        return False
+    try:
+        return any(d.is_dir() and normalize_label(d.name) for d in root.iterdir())
+    except OSError as exc:
+        raise InputError(f"{root}: folder not readable: {(exc.strerror or type(exc).__name__).lower()}") from None
+
+
+def _walk(root: Path, exclude: Path | None) -> tuple[list[Path], list]:
+    """``walk_files(root)`` without what lies in ``exclude`` (the output folder when it is inside the
+    source: a rerun does not read the previous run's outputs as inputs)."""
+    files, problems = walk_files(root)
+    if exclude is not None:
+        skip = exclude.resolve()
+        files = [f for f in files if not f.resolve().is_relative_to(skip)]
+        problems = [p for p in problems if not p.path.is_relative_to(skip)]
+    return files, problems
 
 
 def ingest(source: str | Path, out_dir: str | Path, labels_csv: str | Path | None = None,
-           write_nifti: bool = False, progress: bool = True, pseudonymize_uids: str | Path | None = None) -> IngestResult:
+           write_nifti: bool = False, progress: bool = True, pseudonymize_uids: str | Path | None = None,
+           exclude: str | Path | None = None) -> IngestResult:
     """Run the ingest stage and write its files (see module docstring).
 
-    ``pseudonymize_uids``: a key file; every ``series_uid`` that is a DICOM UID and every ``study_id``
-    in the outputs (and the NIfTI file names) becomes its keyed pseudonym (``io.privacy.UidPseudonyms``).
+    ``pseudonymize_uids``: a key file; every DICOM ``series_uid`` (whatever it looks like), every
+    other ``series_uid`` (a relative path) that is shaped like a DICOM UID and every ``study_id`` in the
+    outputs (and the NIfTI file names) becomes its keyed pseudonym (``io.privacy.UidPseudonyms``).
+    ``exclude``: a folder left out of the walk (default ``out_dir``): outputs inside the source are not inputs.
 
     Raises:
         FileNotFoundError: ``source`` or ``labels_csv`` does not exist.
-        ManifestError: a manifest or labels CSV that cannot be used at all.
+        ManifestError: a manifest or labels CSV that cannot be used at all (unreadable, not UTF-8...).
+        InputError: ``source`` is a folder that cannot be listed.
     """
     source = Path(source)
     if not source.exists():
@@ -119,45 +142,53 @@ def ingest(source: str | Path, out_dir: str | Path, labels_csv: str | Path | Non
     # folder, so a path relative to the working directory would point nowhere when read back).
     source = source.resolve()
     out_dir = Path(out_dir)
+    skip = Path(exclude if exclude is not None else out_dir)
+    if source.is_dir():
+        try:
+            with os.scandir(source):
+                pass
+        except OSError as exc:
+            raise InputError(f"{source}: folder not readable: {(exc.strerror or type(exc).__name__).lower()}") from None
     uids = UidPseudonyms.from_key_file(pseudonymize_uids) if pseudonymize_uids is not None else None
     if source.is_file() and source.suffix.lower() == ".csv":
         result = ingest_manifest_csv(source, progress)
     elif labels_csv is None and has_class_folders(source):
-        result = ingest_class_folders(source, progress)
+        result = ingest_class_folders(source, progress, skip)
     else:
         labels = LabelTable.from_csv(labels_csv) if labels_csv else None
-        result = ingest_tree(source, labels, out_dir / "nifti" if write_nifti else None, progress, uids)
+        result = ingest_tree(source, labels, out_dir / "nifti" if write_nifti else None, progress, uids, skip)
     if result.has_labels and result.rows and not any(r["patient_id"] for r in result.rows):
         result.warnings.insert(0, NO_PATIENT_IDS)
     if uids is not None:
         for rows in (result.rows, result.series, result.ledger.rows.values()):
             uids.apply(rows)
         warn_uid_like_paths(result.ledger.rows)
-    write_outputs(result, out_dir)
+    write_outputs(result, out_dir, uids)
     for warning in result.warnings:
         log.warning(warning)
     return result
 
 
-def write_outputs(result: IngestResult, out_dir: Path) -> None:
+def write_outputs(result: IngestResult, out_dir: Path, uids: UidPseudonyms | None = None) -> None:
+    """``uids``: the pseudonyms the rows carry, noted in ``ingest.json`` (``privacy.uid_note``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if result.has_labels:
         write_manifest(out_dir / "manifest.csv", result.rows)
     write_csv(out_dir / "series.csv", SERIES_COLUMNS, result.series)
     result.ledger.write(out_dir)
-    (out_dir / "ingest.json").write_text(json.dumps(result.summary(), indent=2) + "\n")
+    (out_dir / "ingest.json").write_text(json.dumps({**result.summary(), **uid_note(uids)}, indent=2) + "\n")
 
 
 # --- a folder per class ----------------------------------------------------------------------
 
-def ingest_class_folders(root: Path, progress: bool) -> IngestResult:
+def ingest_class_folders(root: Path, progress: bool, exclude: Path | None = None) -> IngestResult:
     """IQ-OTH/NCCD layout: ``Bengin cases/``, ``Malignant cases/``, ``Normal cases/`` of images."""
     from tqdm.auto import tqdm
 
     result = IngestResult("class_folders", has_labels=True)
     ledger, rows = result.ledger, []
     rel = lambda p: relative_name(Path(p), root)  # noqa: E731
-    files, problems = walk_files(root)
+    files, problems = _walk(root, exclude)
     record_walk_problems(problems, root, ledger)
     for path in tqdm(files, desc="read images", unit="file", disable=not progress, leave=False):
         top = path.relative_to(root).parts
@@ -244,14 +275,14 @@ def split_by_kind(files: list[Path]) -> tuple[list[Path], list[Path], list[Path]
 
 
 def ingest_tree(root: Path, labels: LabelTable | None, nifti_dir: Path | None, progress: bool,
-                uids: UidPseudonyms | None = None) -> IngestResult:
+                uids: UidPseudonyms | None = None, exclude: Path | None = None) -> IngestResult:
     """Walk a tree: DICOM series (grouped by SeriesInstanceUID), NIfTI volumes, 2D images."""
     from tqdm.auto import tqdm
 
     result = IngestResult("tree", has_labels=labels is not None)
     ledger = result.ledger
     rel = lambda p: relative_name(Path(p), root)  # noqa: E731
-    files, problems = walk_files(root)
+    files, problems = _walk(root, exclude)
     record_walk_problems(problems, root, ledger)
     masks = labels.mask_files() if labels else set()
     labels_file = str(labels.source.resolve()) if labels else ""
@@ -266,6 +297,8 @@ def ingest_tree(root: Path, labels: LabelTable | None, nifti_dir: Path | None, p
             others.append(path)
     volumes, images, dicoms = split_by_kind(others)
     series = index_dicom_tree(root, ledger, files=dicoms, progress=progress)
+    # Series UIDs read from DICOM headers (the walk writes none): pseudonymized whatever they look like.
+    header_uids = {r["series_uid"] for r in ledger.rows.values() if r["series_uid"]}
     builder = _TreeBuilder(root, labels, nifti_dir, result, rel, uids)
     for entry in tqdm(list(series.values()), desc="read series", unit="series", disable=not progress, leave=False):
         builder.add_dicom_series(entry)
@@ -273,6 +306,10 @@ def ingest_tree(root: Path, labels: LabelTable | None, nifti_dir: Path | None, p
         builder.add_nifti(path)
     for path in images:
         builder.add_image(path)
+    if uids is not None:
+        for row in ledger.rows.values():
+            if row["series_uid"] in header_uids:
+                row["series_uid"] = uids.identifier(row["series_uid"])
     if labels is not None:
         result.rows = validate_rows(result.rows, ledger, rel, content_hash=lambda r: r["_hash"])
         unmatched = labels.unmatched_lines()
@@ -293,8 +330,8 @@ class _TreeBuilder:
         volume = load_series(entry, self.result.ledger)
         info = self._label(series_uid=entry.series_uid, study_uid=entry.study_uid, patient_id=entry.patient_id)
         series_uid, study_uid = entry.series_uid, entry.study_uid
-        if self.uids is not None:
-            series_uid, study_uid = self.uids(series_uid), self.uids.identifier(study_uid)
+        if self.uids is not None:  # both read from DICOM headers: pseudonymized whatever they look like
+            series_uid, study_uid = self.uids.identifier(series_uid), self.uids.identifier(study_uid)
         row = {"series_uid": series_uid, "patient_id": entry.patient_id, "study_id": study_uid,
                "n_failed": sum(1 for s in entry.slices if self.result.ledger.rows[s.rel]["status"] != "used")
                + len(entry.dropped)}
@@ -340,7 +377,8 @@ class _TreeBuilder:
         row.update(n_slices=volume.n_slices, status=status, label=info.get("label", ""),
                    warnings="; ".join(volume.warnings))
         if self.nifti_dir is not None:
-            name = safe_file_name(row["series_uid"], ".nii.gz")  # bounded, and one per series
+            # bounded, one per series; the source's own .nii.gz / .dcm left out of the readable part
+            name = safe_file_name(row["series_uid"], ".nii.gz", readable=strip_volume_suffix(row["series_uid"]))
             volume.to_nifti(self.nifti_dir / name)
             row["nifti_path"] = f"nifti/{name}"
         self.result.series.append(row)
@@ -373,7 +411,7 @@ class _TreeBuilder:
         if mask.hu.shape != volume.hu.shape:
             self.result.ledger.failed(name, "mask", f"mask shape {mask.hu.shape} differs from its series {volume.hu.shape}", row["series_uid"])
             return ""
-        if (problem := mask_values_problem(mask.hu)) is not None:
+        if (problem := mask_values_problem(mask.hu, name)) is not None:
             self.result.ledger.failed(name, "mask", problem, row["series_uid"])
             return ""
         self.result.ledger.used(name, row["series_uid"])

@@ -27,7 +27,6 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from lung_effnet.io.ledger import Ledger
-from lung_effnet.io.names import display_name
 from lung_effnet.io.privacy import pseudonym
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -163,9 +162,11 @@ def list_files(root: str | Path) -> list[Path]:
 
 
 def record_walk_problems(problems: list[WalkProblem], root: Path, ledger: Ledger) -> None:
-    """One ledger row (stage ``walk``) per problem of ``walk_files``; folders end with ``/``."""
+    """One ledger row (stage ``walk``) per problem of ``walk_files``; folders end with ``/``. The key is
+    the path as found (undecodable bytes as surrogates), like every other ledger key: the ledger
+    escapes it when written (``io.names.display_name``), so it cannot meet another file's key."""
     for problem in problems:
-        name = display_name(relative_name(problem.path, root)) + ("/" if problem.is_dir else "")
+        name = relative_name(problem.path, root) + ("/" if problem.is_dir else "")
         getattr(ledger, problem.status)(name, "walk", problem.reason)
 
 

@@ -16,6 +16,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lung_effnet.io.names import display_name
+
 USED, SKIPPED, FAILED = "used", "skipped", "failed"
 
 LEDGER_COLUMNS = ("path", "series_uid", "status", "reason")
@@ -29,7 +31,8 @@ _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 @dataclass
 class Ledger:
-    """One status per input file, keyed by its path as written in the outputs.
+    """One status per input file, keyed by its path as found (relative to the input; undecodable bytes
+    as surrogates): ``write`` shows it as ``io.names.display_name`` does, one name per key.
 
     The last call for a path wins, so a file first indexed as ``used`` can later be marked
     ``failed`` when its pixels do not decode.
@@ -69,8 +72,9 @@ class Ledger:
     def write(self, out_dir: str | Path) -> tuple[Path, Path]:
         """Write ``files.csv`` and ``errors.csv`` (sorted by path, so reruns give identical files)."""
         out_dir = Path(out_dir)
-        files = write_csv(out_dir / "files.csv", LEDGER_COLUMNS, sorted(self.rows.values(), key=_by_path))
-        errors = write_csv(out_dir / "errors.csv", ERROR_COLUMNS, sorted(self.error_rows(), key=_by_path))
+        shown = lambda rows: sorted(({**r, "path": display_name(r["path"])} for r in rows), key=_by_path)  # noqa: E731
+        files = write_csv(out_dir / "files.csv", LEDGER_COLUMNS, shown(self.rows.values()))
+        errors = write_csv(out_dir / "errors.csv", ERROR_COLUMNS, shown(self.error_rows()))
         return files, errors
 
 

@@ -98,12 +98,36 @@ def is_dicom_uid(text: str) -> bool:
     return bool(_UID.match(text))
 
 
+# File extensions stripped (case-insensitively) before a path part is compared with a UID: a file
+# named ``<uid>.nii.gz`` or ``<uid>.DCM`` carries the UID as much as a folder named ``<uid>``.
+_UID_NAME_SUFFIXES = (".nii.gz", ".dcm", ".dicom", ".ima", ".nii", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+def is_uid_like_name(part: str) -> bool:
+    """Whether a folder or file name is a DICOM UID, once a known file extension (``_UID_NAME_SUFFIXES``,
+    any case) is removed: ``1.2.840.5``, ``1.2.840.5.dcm``, ``1.2.840.5.nii.gz``, ``1.2.840.5.PNG``."""
+    if is_dicom_uid(part):
+        return True
+    lower = part.lower()
+    suffix = next((s for s in _UID_NAME_SUFFIXES if lower.endswith(s)), None)
+    return suffix is not None and is_dicom_uid(part[:-len(suffix)])
+
+
 def warn_uid_like_paths(paths: Iterable[str]) -> None:
     """Paths are written as found, pseudonyms or not: warn when folders or files are named like UIDs."""
-    named = {part for path in paths for part in str(path).split("/") if is_dicom_uid(part.removesuffix(".dcm"))}
+    named = {part for path in paths for part in str(path).split("/") if is_uid_like_name(part)}
     if named:
         log.warning("%d folder or file name(s) look like DICOM UIDs: --pseudonymize-uids replaces UID columns, "
                     "not paths; rename them before the outputs leave the hospital", len(named))
+
+
+def uid_note(uids: UidPseudonyms | None) -> dict:
+    """What ``summary.json`` (score) and ``ingest.json`` say about UIDs: pseudonymized (how, and the
+    key's fingerprint) or as found."""
+    if uids is None:
+        return {"uids": "as found"}
+    return {"uids": {"pseudonymized": "2.25.<first 16 bytes of HMAC-SHA256(key, UID), decimal>",
+                     "key_fingerprint": uids.fingerprint}}
 
 
 def uid_pseudonym(uid: str, key: bytes) -> str:
@@ -122,7 +146,9 @@ class UidPseudonyms:
 
     Calling the object maps one value: a DICOM UID to its pseudonym, anything else (a relative path
     standing in for the UID of a NIfTI volume or an image) unchanged; a pseudonym it made is returned
-    as it is, so mapping twice is harmless. ``study_id`` values are mapped whatever they look like.
+    as it is, so mapping twice is harmless. ``study_id`` values, and values known to come from a
+    DICOM header (``identifier``), are mapped whatever they look like: archives hold UIDs that are
+    not UID-shaped (``1.2.840.99999.7.x42``).
     """
 
     UID_COLUMNS = ("series_uid",)
@@ -139,6 +165,8 @@ class UidPseudonyms:
     def from_key_file(cls, path: str | Path, flag: str = "--pseudonymize-uids") -> UidPseudonyms:
         """Read the key from ``path``; ``flag`` names the option in errors (which never quote the file)."""
         path = Path(path)
+        if path.is_dir():
+            raise UsageError(f"{flag}: {path} is a folder, not a key file")
         if not path.is_file():
             raise MissingInputError(f"{flag}: key file not found: {path}")
         try:
@@ -162,7 +190,8 @@ class UidPseudonyms:
         return self._pseudonym(value)
 
     def identifier(self, value: str) -> str:
-        """Any non-empty identifier (a study id from a manifest, a StudyInstanceUID) as a UID pseudonym."""
+        """Any non-empty identifier (a study id from a manifest, a Study or Series Instance UID read from
+        a DICOM header, whatever it looks like) as a UID pseudonym."""
         value = str(value or "").strip()
         return value if not value or value in self._made else self._pseudonym(value)
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from lung_effnet.classes import CLASSES
 from lung_effnet.config import Config, from_dict
-from lung_effnet.errors import InputError, MissingInputError
+from lung_effnet.errors import InputError, LungEffNetError, MissingInputError
 from lung_effnet.models.factory import create_model, load_failure
 from lung_effnet.version import __version__
 
@@ -144,17 +144,20 @@ def load_model_dir(model_dir: str | Path, device: str = "cpu") -> Predictor:
 
     Raises:
         MissingInputError: ``config.yaml``, ``model.json`` or a fold file is missing.
-        InputError: a fold file that is not a state dict of this model, or other fold files than declared.
+        InputError: a damaged ``config.yaml`` or ``model.json``; a fold file that is not a state dict of
+            this model or holds NaN / infinite weights; other fold files than declared.
     """
     model_dir = Path(model_dir)
     for name in ("config.yaml", "model.json"):
         if not (model_dir / name).is_file():
             raise MissingInputError(f"{model_dir}: no {name} (not a model folder written by lung-effnet train)")
-    cfg = from_dict(yaml.safe_load((model_dir / "config.yaml").read_text()))
+    cfg = _read_config(model_dir / "config.yaml")
     try:
-        n_folds = json.loads((model_dir / "model.json").read_text()).get("n_folds")
-    except (ValueError, AttributeError):
+        n_folds = json.loads((model_dir / "model.json").read_text(encoding="utf-8")).get("n_folds")
+    except (ValueError, AttributeError):  # not JSON (UnicodeDecodeError is a ValueError), or not an object
         n_folds = None
+    except OSError as exc:
+        raise InputError(f"{model_dir / 'model.json'}: not readable ({exc.strerror or type(exc).__name__})") from None
     if not isinstance(n_folds, int) or isinstance(n_folds, bool) or n_folds < 1:
         raise InputError(f"{model_dir / 'model.json'}: no fold count (n_folds) in it")
     expected = [model_dir / f"fold_{k}.pt" for k in range(n_folds)]
@@ -171,8 +174,31 @@ def load_model_dir(model_dir: str | Path, device: str = "cpu") -> Predictor:
             member.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         except Exception as exc:  # not a state dict (refused unread), a damaged file, another architecture
             raise InputError(f"{path}: not a fold state dict of this model ({load_failure(exc)})") from None
+        if not all(torch.isfinite(t).all() for t in member.state_dict().values() if t.is_floating_point()):
+            raise InputError(f"{path}: {path.name} holds NaN or infinite weights (a diverged or damaged fold): "
+                             "retrain it or use another model")
         members.append(member)
     return Predictor(FoldEnsemble(members).to(device), cfg)
+
+
+def _read_config(path: Path) -> Config:
+    """The training config of a model folder; a damaged file is one ``InputError`` naming it."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"{path}: not a readable YAML config ({reason})") from None
+    except OSError as exc:
+        raise InputError(f"{path}: not readable ({exc.strerror or type(exc).__name__})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: not a config written by lung-effnet train (a mapping of settings expected, "
+                         f"found {type(data).__name__})")
+    try:
+        return from_dict(data)
+    except LungEffNetError as exc:  # an unknown key or a value out of range: say which file holds it
+        raise InputError(f"{path}: {exc}") from None
+    except Exception as exc:  # a mapping of the wrong shape (a section that is a list...)
+        raise InputError(f"{path}: not a config written by lung-effnet train ({type(exc).__name__}: {exc})"[:300]) from None
 
 
 def is_model_uri(text: str) -> bool:

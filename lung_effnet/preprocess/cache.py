@@ -24,6 +24,7 @@ from lung_effnet.classes import CLASSES
 from lung_effnet.config import DataConfig
 from lung_effnet.errors import InputError
 from lung_effnet.io.images2d import is_image_2d, read_image_2d
+from lung_effnet.io.masks import lesion, read_mask_image
 from lung_effnet.io.nifti import is_nifti, read_nifti
 from lung_effnet.io.planes import GRAY, HU, read_dicom_file
 from lung_effnet.preprocess.transforms import preprocess_sample
@@ -76,6 +77,11 @@ def _volume(path: str):
     return read_nifti(path)
 
 
+@lru_cache(maxsize=64)
+def _volume_peak(path: str) -> float:
+    return float(_volume(path).hu.max(initial=0))
+
+
 @lru_cache(maxsize=4096)
 def file_digest(path: str, size: int, mtime_ns: int) -> str:
     """Digest of a file's bytes (memoised by size and modification time)."""
@@ -96,9 +102,9 @@ def mask_plane(row: dict) -> np.ndarray | None:
     path = row.get("mask_path") or ""
     if not path:
         return None
-    if is_image_2d(path):
-        return read_image_2d(path) > 0
-    return _volume(path).hu[int(row["slice_index"] or 0)] > 0
+    if is_image_2d(path):  # the rule ingest checked masks against (io.masks)
+        return lesion(read_mask_image(path))
+    return lesion(_volume(path).hu[int(row["slice_index"] or 0)], peak=_volume_peak(path))
 
 
 def select_rows(rows: list[dict], cfg: DataConfig) -> list[dict]:
@@ -110,7 +116,7 @@ def select_rows(rows: list[dict], cfg: DataConfig) -> list[dict]:
     # One look at each mask volume, not one per slice row (a mask is read once, scanned once).
     volume_masks = {r["mask_path"] for r in rows
                     if r.get("mask_path") and r.get("slice_index") not in (None, "") and not is_image_2d(r["mask_path"])}
-    lesion_series = {path for path in volume_masks if _volume(path).hu.any()}
+    lesion_series = {path for path in volume_masks if lesion(_volume(path).hu).any()}
     keep = []
     for row in rows:
         if row.get("mask_path") in lesion_series:

@@ -31,7 +31,7 @@ import numpy as np
 
 from lung_effnet.classes import CLASSES
 from lung_effnet.io.ledger import USED, Ledger, write_csv
-from lung_effnet.io.privacy import UidPseudonyms, warn_uid_like_paths
+from lung_effnet.io.privacy import UidPseudonyms, uid_note, warn_uid_like_paths
 from lung_effnet.scoring.aggregate import abnormality, aggregate_series
 from lung_effnet.scoring.discover import DICOM, Discovery, ScoreUnit
 from lung_effnet.scoring.journal import write_atomic
@@ -51,26 +51,23 @@ def pseudonymize_discovery(discovery: Discovery, uids: UidPseudonyms) -> Discove
     rows pseudonymized. Units keep their header index (``series``), which decoding needs: a worker
     names its rows by the unit's key, and ``pseudonymize_prepared`` maps anything else it returns.
     The key is also the resume record's identity, so a resumed run finds its records by pseudonym."""
-    units = [dataclasses.replace(u, key=uids(u.key)) if u.kind == DICOM else u for u in discovery.units]
-    ledger = Ledger({p: {**r, "series_uid": uids(r["series_uid"])} for p, r in discovery.ledger.rows.items()},
+    # Every series_uid here came from a DICOM header (the walk and the header pass name no other kind),
+    # so each is pseudonymized whatever it looks like (``UidPseudonyms.identifier``).
+    units = [dataclasses.replace(u, key=uids.identifier(u.key)) if u.kind == DICOM else u for u in discovery.units]
+    ledger = Ledger({p: {**r, "series_uid": uids.identifier(r["series_uid"])} for p, r in discovery.ledger.rows.items()},
                     dict(discovery.ledger.stages))
     return Discovery(units, ledger, discovery.n_files)
 
 
-def pseudonymize_prepared(prepared: PreparedUnit, uids: UidPseudonyms) -> PreparedUnit:
-    """A decoded unit whose series rows and ledger rows carry pseudonyms (before records and pages are made)."""
+def pseudonymize_prepared(prepared: PreparedUnit, uids: UidPseudonyms, dicom: bool = False) -> PreparedUnit:
+    """A decoded unit whose series rows and ledger rows carry pseudonyms (before records and pages are made).
+    ``dicom``: the unit is a DICOM series, so its UIDs are pseudonymized whatever they look like; a
+    NIfTI volume's or an image's key (its relative path) only when it is shaped like a UID."""
+    f = uids.identifier if dicom else uids
     return dataclasses.replace(
-        prepared, key=uids(prepared.key),
-        items=[dataclasses.replace(i, series_uid=uids(i.series_uid)) for i in prepared.items],
-        ledger_rows=[{**r, "series_uid": uids(r.get("series_uid", ""))} for r in prepared.ledger_rows])
-
-
-def uid_note(uids: UidPseudonyms | None) -> dict:
-    """What ``summary.json`` says about UIDs: pseudonymized (how, and the key's fingerprint) or as found."""
-    if uids is None:
-        return {"uids": "as found"}
-    return {"uids": {"pseudonymized": "2.25.<first 16 bytes of HMAC-SHA256(key, UID), decimal>",
-                     "key_fingerprint": uids.fingerprint}}
+        prepared, key=f(prepared.key),
+        items=[dataclasses.replace(i, series_uid=f(i.series_uid)) for i in prepared.items],
+        ledger_rows=[{**r, "series_uid": f(r.get("series_uid", ""))} for r in prepared.ledger_rows])
 
 
 def make_record(unit: ScoreUnit, prepared: PreparedUnit, probs: np.ndarray, top_k: int,

@@ -33,7 +33,7 @@ from lung_effnet.io.privacy import UidPseudonyms
 from lung_effnet.models.bn_fold import inference_copy
 from lung_effnet.models.predictor import Predictor, load_model
 from lung_effnet.scoring.aggregate import TOP_K
-from lung_effnet.scoring.discover import Discovery, ScoreUnit, discover
+from lung_effnet.scoring.discover import DICOM, Discovery, ScoreUnit, discover
 from lung_effnet.scoring.journal import RECORD_VERSION, Journal
 from lung_effnet.scoring.outputs import make_record, pseudonymize_discovery, pseudonymize_prepared, write_outputs
 from lung_effnet.scoring.prepare import PreparedUnit, init_worker, prepare_unit
@@ -262,7 +262,7 @@ def run_units(todo: list[ScoreUnit], discovery: Discovery, predictor: Predictor,
         for unit, prepared in prepared_units(todo, predictor.config.data, pool, workers):
             probs = scorer(prepared.images)
             if uids is not None:
-                prepared = pseudonymize_prepared(prepared, uids)
+                prepared = pseudonymize_prepared(prepared, uids, dicom=unit.kind == DICOM)
             report = _reporter(predictor, prepared, probs, out_dir) if saliency else None
             record = make_record(unit, prepared, probs, top_k, report)
             journal.save(record)

@@ -25,13 +25,13 @@ import torch
 
 from lung_effnet.classes import CLASSES
 from lung_effnet.config import Config
-from lung_effnet.errors import ManifestError, RunExistsError
+from lung_effnet.errors import InputError, ManifestError, RunExistsError
 from lung_effnet.ingest.sources import NO_PATIENT_IDS, ingest
 from lung_effnet.io.ledger import write_csv
 from lung_effnet.models.predictor import FoldEnsemble, Predictor, build_member, save_model_dir
 from lung_effnet.preprocess.cache import SampleSet, build_sample_set, default_cache_dir
 from lung_effnet.tracking import CVTracker, run_tracking_uri
-from lung_effnet.training.fold import FoldData, FoldTrainer, predict_proba
+from lung_effnet.training.fold import FoldData, FoldTrainer, load_best_state, load_fold_file, predict_proba
 from lung_effnet.training.metrics import bootstrap_ci, classification_metrics, confusion
 from lung_effnet.training.plots import plot_confusion_matrix, plot_reliability, plot_roc_curves, save_figure
 from lung_effnet.training.splits import TEST_FOLD, assign_folds, audit_folds, inner_validation_split, write_folds_csv
@@ -73,7 +73,10 @@ class CVRun:
 
 
 def prepare_samples(source: Path, out: Path, cfg: Config, labels_csv: Path | None, progress: bool) -> tuple[SampleSet, list[str]]:
-    result = ingest(source, out / "ingest", labels_csv=labels_csv, progress=progress)
+    # the run's outputs are not inputs when --out lies inside the source; a source inside --out (pretrain
+    # writes its phantoms to <out>/data) is read whole: the walk of it never reaches the outputs
+    inside_out = Path(source).resolve().is_relative_to(Path(out).resolve())
+    result = ingest(source, out / "ingest", labels_csv=labels_csv, progress=progress, exclude=None if inside_out else out)
     if not result.has_labels:
         raise ManifestError(f"{source}: no labels (a DICOM/NIfTI tree needs --labels)")
     if not result.rows:
@@ -107,7 +110,11 @@ def run_fold(run: CVRun, fold: int, progress: bool) -> np.ndarray:
     done = fold_dir / "predictions.npy"
     test_idx = np.flatnonzero(run.folds == fold)
     if done.exists():
-        return np.load(done)
+        proba = load_fold_file(done, lambda: np.load(done))
+        if not isinstance(proba, np.ndarray) or proba.shape != (len(test_idx), len(CLASSES)):
+            raise InputError(f"{done}: not this fold's predictions (shape {getattr(proba, 'shape', None)}, "
+                             f"expected {(len(test_idx), len(CLASSES))}); delete it to retrain that fold ({fold_dir.name})")
+        return proba
     seed = run.cfg.seed * 1000 + fold
     torch.manual_seed(seed)
     model = build_member(run.cfg)
@@ -210,8 +217,7 @@ def train_folds(run: CVRun, progress: bool) -> np.ndarray:
 
 def save_ensemble(run: CVRun) -> tuple[Predictor, Path]:
     """Step 6: the fold models' best weights as one ensemble in ``model/``; returns it and the folder."""
-    fold_states = [torch.load(run.out / "folds" / f"fold_{k}" / "best.pt", map_location="cpu", weights_only=True)
-                   for k in range(run.cfg.cv.folds)]
+    fold_states = [load_best_state(run.out / "folds" / f"fold_{k}" / "best.pt", "cpu") for k in range(run.cfg.cv.folds)]
     model_dir = save_model_dir(run.out / "model", run.cfg, fold_states)
     members = []
     for state in fold_states:

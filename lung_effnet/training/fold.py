@@ -195,6 +195,26 @@ def _save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def load_fold_file(path: Path, load: Callable):
+    """``load()``, with a damaged or unreadable file of a run folder (``best.pt``, ``predictions.npy``)
+    as one ``InputError`` that names it and says how to get past it."""
+    try:
+        return load()
+    except Exception as exc:  # truncated, not this format, refused by weights_only, unreadable
+        reason = load_failure(exc) if not isinstance(exc, OSError) else (exc.strerror or type(exc).__name__)
+        raise InputError(f"{path}: damaged or unreadable ({reason}); delete it to retrain that fold "
+                         f"({path.parent.name})") from None
+
+
+def load_best_state(path: Path, device) -> dict:
+    """The ``best.pt`` state dict of a fold folder (see ``load_fold_file``)."""
+    state = load_fold_file(path, lambda: torch.load(path, map_location=device, weights_only=True))
+    if not isinstance(state, dict):
+        raise InputError(f"{path}: not a state dict ({type(state).__name__}); delete it to retrain that fold "
+                         f"({path.parent.name})")
+    return state
+
+
 class FoldTrainer:
     """Trains one fold; ``fold_dir`` holds ``last.pt`` (full state, every epoch) and ``best.pt``."""
 
@@ -386,5 +406,5 @@ class FoldTrainer:
         bar.close()
         if self.lesion_head is not None:
             self.lesion_head.remove()
-        self.model.load_state_dict(torch.load(self.fold_dir / "best.pt", map_location=self.device, weights_only=True))
+        self.model.load_state_dict(load_best_state(self.fold_dir / "best.pt", self.device))
         return {"best_epoch": self.best_epoch, "best_val_auroc": self.best_score, "epochs_run": self.epoch, "history": self.history}

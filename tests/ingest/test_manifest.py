@@ -195,3 +195,59 @@ def test_a_label_map_as_a_series_mask_is_an_error_row(tmp_path, read_csv):
     errors = read_csv(tmp_path / "out" / "errors.csv")
     assert len(errors) == 1 and errors[0]["stage"] == "mask" and "not a binary mask" in errors[0]["reason"], errors
     assert {r["mask_path"] for r in read_csv(tmp_path / "out" / "manifest.csv")} == {""}
+
+
+def test_jpeg_and_palette_masks_are_accepted_and_read_as_their_lesion(tmp_path, read_csv, caplog):
+    """Masks that worked with ``mask > 0`` before the binary check stay usable: a 0 / 255 mask saved
+    as JPEG (noise: 1..5 and 250..254 near edges) and a palette PNG with indices 0 / 1 (whose luma is
+    not 1) give no error row, and training reads exactly the intended lesion from them (threshold
+    128 for 8-bit masks, palette indices); a label map 0 / 1 / 2 / 3 is still refused."""
+    from lung_effnet.preprocess.cache import mask_plane
+
+    lesion = np.zeros((64, 64), np.uint8)
+    lesion[13:37, 19:45] = 255
+    for i in range(3):
+        _image(tmp_path / "img" / f"{i}.png", i, size=64)
+    (tmp_path / "masks").mkdir()
+    Image.fromarray(lesion).save(tmp_path / "masks" / "lesion.jpg", quality=90)
+    jpeg = np.asarray(Image.open(tmp_path / "masks" / "lesion.jpg"))
+    assert set(np.unique(jpeg)) - {0, 255}  # really not binary
+    palette = Image.fromarray((lesion // 255).astype(np.uint8), mode="L").convert("P")
+    palette.putpalette([0, 0, 0, 128, 0, 0] + [0, 0, 0] * 254)
+    palette.save(tmp_path / "masks" / "palette.png")
+    assert np.asarray(Image.open(tmp_path / "masks" / "palette.png").convert("L")).max() not in (0, 1, 255)
+    labelmap = np.zeros((64, 64), np.uint8)
+    labelmap[5:10, 5:10], labelmap[20:30, 20:30], labelmap[40:50, 40:50] = 1, 2, 3
+    _png(tmp_path / "masks" / "labels3.png", labelmap)
+    manifest = _write(tmp_path / "m.csv", ["path", "label", "patient_id", "mask_path"], [
+        ["img/0.png", "benign", "A", "masks/lesion.jpg"],
+        ["img/1.png", "malignant", "B", "masks/palette.png"],
+        ["img/2.png", "normal", "C", "masks/labels3.png"],
+    ])
+    result = ingest(manifest, tmp_path / "out", progress=False)
+    errors = {r["path"]: r for r in read_csv(tmp_path / "out" / "errors.csv")}
+    assert set(errors) == {"masks/labels3.png"}, errors
+    assert "not a binary mask" in errors["masks/labels3.png"]["reason"]
+    rows = {Path(r["path"]).name: r for r in result.rows}
+    assert Path(rows["0.png"]["mask_path"]).name == "lesion.jpg" and Path(rows["1.png"]["mask_path"]).name == "palette.png"
+    assert rows["2.png"]["mask_path"] == ""
+    for name in ("0.png", "1.png"):
+        plane = mask_plane(rows[name])
+        assert plane is not None and np.array_equal(plane, lesion > 0), name
+
+
+def test_near_binary_rule_refuses_grey_images_and_label_maps():
+    from lung_effnet.io.masks import lesion, mask_values_problem
+
+    grey = np.random.default_rng(0).integers(0, 256, (64, 64)).astype(np.float32)
+    assert "not a binary mask" in (mask_values_problem(grey) or "")
+    labels = np.zeros((64, 64), np.float32)
+    labels[:10, :10], labels[20:30, 20:30], labels[40:50, 40:50] = 1, 2, 3
+    assert "not a binary mask" in (mask_values_problem(labels) or "")
+    noisy = np.zeros((64, 64), np.float32)
+    noisy[10:30, 10:30] = 252
+    noisy[0, :5] = 3
+    assert mask_values_problem(noisy) is None
+    assert np.array_equal(lesion(noisy), noisy >= 128)
+    assert np.array_equal(lesion(np.where(noisy > 128, 1, 0)), noisy > 128)
+    assert mask_values_problem(np.full((4, 4), np.nan)) is not None

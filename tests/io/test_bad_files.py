@@ -117,9 +117,9 @@ def test_the_walk_reports_symlink_loops_broken_links_and_undecodable_names(tmp_p
     assert reasons["loop.dcm"] == ("failed", "walk", "symlink loop")
     assert reasons["dangling.dcm"][2].startswith("broken symlink")
     assert reasons["linked/"][0] == "skipped" and "symlinked folder" in reasons["linked/"][2]
-    assert reasons["caf\\xe9.dcm"][2].startswith("file name is not valid UTF-8")
-    for name in reasons:
-        name.encode("utf-8")  # every name can be written to a UTF-8 CSV
+    assert reasons[bad_name][2].startswith("file name is not valid UTF-8")  # keyed by the name as found
+    files_csv, _ = ledger.write(tmp_path / "out")  # written with the undecodable byte escaped, as UTF-8
+    assert "caf\\xe9.dcm,,failed,file name is not valid UTF-8" in files_csv.read_text(encoding="utf-8")
 
 
 def test_the_walk_reports_a_folder_it_cannot_read(tmp_path, locked_folders):

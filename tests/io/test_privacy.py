@@ -86,3 +86,41 @@ def test_patient_pseudonyms_did_not_change():
 
     expected = hmac.new(privacy.hash_key(), b"12345678", hashlib.sha256).hexdigest()[:16]
     assert privacy.pseudonym("12345678") == f"P-{expected}"
+
+
+def test_uid_like_names_warn_whatever_their_extension(caplog):
+    """A file named after a UID carries it whatever its extension (any case); a UID contains dots,
+    so only a known extension is removed before the comparison."""
+    import logging
+
+    uid = "1.2.840.113619.2.55.3"
+    for name in (uid, f"{uid}.dcm", f"{uid}.DCM", f"{uid}.nii.gz", f"{uid}.NII.GZ", f"{uid}.nii", f"{uid}.png",
+                 f"{uid}.Jpeg", f"{uid}.tiff", f"{uid}.IMA", f"{uid}.dicom", f"{uid}.bmp"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger=privacy.__name__):
+            privacy.warn_uid_like_paths([f"patient/{name}"])
+        assert "look like DICOM UIDs" in caplog.text, name
+    assert privacy.is_uid_like_name(uid) and privacy.is_uid_like_name(f"{uid}.Nii.Gz")
+    for name in ("ct.nii.gz", "IM-0001-0001.dcm", "1.2.840.x.dcm", f"{uid}.txt", f"{uid}.nii.gz.bak", "scan.png", ".dcm"):
+        assert not privacy.is_uid_like_name(name), name
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=privacy.__name__):
+        privacy.warn_uid_like_paths(["patient/ct.nii.gz", "a/IM-0001.DCM"])
+    assert "look like DICOM UIDs" not in caplog.text
+
+
+def test_a_folder_given_as_key_file_says_so(tmp_path):
+    import pytest
+
+    from lung_effnet.errors import UsageError
+
+    with pytest.raises(UsageError, match="is a folder, not a key file"):
+        privacy.UidPseudonyms.from_key_file(tmp_path)
+
+
+def test_identifier_maps_dicom_uids_that_are_not_uid_shaped():
+    uids = privacy.UidPseudonyms(b"0123456789abcdef-key")
+    odd = "1.2.840.99999.7.x42"
+    assert uids(odd) == odd  # a relative path or an odd value, conditional path: as found
+    made = uids.identifier(odd)
+    assert made != odd and made.startswith("2.25.") and uids.identifier(made) == made and uids(made) == made

@@ -185,14 +185,95 @@ def test_ingest_without_the_option_keeps_uids(archive, tmp_path):
 @pytest.mark.parametrize("key_text, words", [
     (None, ["--pseudonymize-uids: key file not found", "nowhere.key"]),
     ("short", ["--pseudonymize-uids", "5 characters", "at least 16"]),
+    ("", ["--pseudonymize-uids:", "is a folder, not a key file"]),
 ])
 def test_a_bad_key_file_is_one_line_that_never_quotes_the_key(model_dir, archive, tmp_path, command, key_text, words):
     root, labels, _ = archive
     key = tmp_path / "nowhere.key" if key_text is None else _key_file(tmp_path, key_text, "nowhere.key")
+    if key_text == "":  # a folder where the key file should be
+        key.unlink()
+        key.mkdir()
     args = (["ingest", str(root), "--labels", str(labels)] if command == "ingest" else
             ["score", "--model", str(model_dir), "--input", str(root), "--workers", "0"])
     code, printed = _run([*args, "--out", str(tmp_path / "o"), "--pseudonymize-uids", str(key)])
     lines = printed.strip().splitlines()
     assert code == 2 and len(lines) == 1, printed
     assert all(w in lines[0] for w in words), lines[0]
-    assert key_text is None or key_text not in lines[0]
+    assert not key_text or key_text not in lines[0]
+
+
+ODD_SERIES_UID = "1.2.840.99999.7.x42"  # not UID-shaped, yet found as a Series Instance UID in real archives
+ODD_STUDY_UID = "1.2.840.99999.8.y7"
+
+
+@pytest.fixture(scope="module")
+def odd_uid_archive(tmp_path_factory):
+    """One DICOM series whose Series and Study Instance UIDs are not shaped like UIDs (rewritten with
+    pydicom in every file): ``(root, labels.csv)``."""
+    tmp = tmp_path_factory.mktemp("odd-uid")
+    data = write_synthetic_dataset(tmp / "dicom", "dicom", n_patients=1, seed=7, size_px=32, n_slices=4,
+                                   progress=False)
+    root = tmp / "in"
+    shutil.copytree(data, root, ignore=shutil.ignore_patterns("labels.csv", "masks", "synthetic.json"))
+    files = [p for p in root.rglob("*") if p.is_file()]
+    assert files
+    old = {str(pydicom.dcmread(p, stop_before_pixels=True).SeriesInstanceUID) for p in files}
+    with pydicom.config.disable_value_validation():
+        for path in files:
+            ds = pydicom.dcmread(path)
+            ds.SeriesInstanceUID, ds.StudyInstanceUID = ODD_SERIES_UID, ODD_STUDY_UID
+            ds.save_as(path)
+    labels = (data / "labels.csv").read_text()
+    for uid in old:
+        labels = labels.replace(uid, ODD_SERIES_UID)
+    (tmp / "labels.csv").write_text(labels)
+    if (data / "masks").is_dir():  # labels.csv names them relative to itself
+        shutil.copytree(data / "masks", tmp / "masks")
+    return root, tmp / "labels.csv"
+
+
+def test_dicom_uids_that_are_not_uid_shaped_are_pseudonymized_too(model_dir, odd_uid_archive, tmp_path):
+    """A DICOM Series / Study Instance UID is pseudonymized whatever it looks like: score (CSVs,
+    resume records, saliency page names and text) and ingest --nifti (CSVs, NIfTI names) never show it."""
+    root, labels = odd_uid_archive
+    key = _key_file(tmp_path, KEY)
+    code, printed = _score(model_dir, root, tmp_path / "score", "--saliency", "--pseudonymize-uids", str(key))
+    assert code == 0, printed
+    _assert_no_uid(tmp_path / "score", {ODD_SERIES_UID, ODD_STUDY_UID}, KEY)
+    rows = read_csv_rows(tmp_path / "score" / "predictions.csv")
+    assert len(rows) == 1 and PSEUDONYM.match(rows[0]["series_uid"]) and rows[0]["report"]
+    assert {r["series_uid"] for r in read_csv_rows(tmp_path / "score" / "files.csv")} == {rows[0]["series_uid"]}
+    code, printed = _run(["ingest", "-q", str(root), "--out", str(tmp_path / "ingest"), "--labels", str(labels),
+                          "--nifti", "--pseudonymize-uids", str(key)])
+    assert code == 0, printed
+    _assert_no_uid(tmp_path / "ingest", {ODD_SERIES_UID, ODD_STUDY_UID}, KEY)
+    series = read_csv_rows(tmp_path / "ingest" / "series.csv")
+    assert len(series) == 1 and PSEUDONYM.match(series[0]["series_uid"]) and series[0]["nifti_path"]
+    manifest = read_csv_rows(tmp_path / "ingest" / "manifest.csv")
+    assert manifest and {r["series_uid"] for r in manifest} == {series[0]["series_uid"]}
+    ledger = read_csv_rows(tmp_path / "ingest" / "files.csv")
+    assert {r["series_uid"] for r in ledger} == {series[0]["series_uid"]} and {r["status"] for r in ledger} == {"used"}
+    note = json.loads((tmp_path / "ingest" / "ingest.json").read_text())["uids"]
+    assert note["key_fingerprint"] == json.loads((tmp_path / "score" / "summary.json").read_text())["uids"]["key_fingerprint"]
+
+
+def test_ingest_json_says_whether_uids_were_pseudonymized(odd_uid_archive, tmp_path):
+    root, labels = odd_uid_archive
+    code, printed = _run(["ingest", "-q", str(root), "--out", str(tmp_path / "o"), "--labels", str(labels)])
+    assert code == 0, printed
+    assert json.loads((tmp_path / "o" / "ingest.json").read_text())["uids"] == "as found"
+    assert {r["series_uid"] for r in read_csv_rows(tmp_path / "o" / "series.csv")} == {ODD_SERIES_UID}
+
+
+def test_nifti_names_carry_one_suffix(tmp_path):
+    """``ingest --nifti`` of a NIfTI volume: ``<name without .nii.gz>-<hash>.nii.gz``, not ``ct.nii.gz-<hash>.nii.gz``."""
+    from lung_effnet.io.volume import canonical_affine, write_nifti
+
+    hu = np.full((3, 32, 32), -800.0)
+    write_nifti(tmp_path / "src" / "P0001_ct.nii.gz", hu, canonical_affine((2.0, 1.0, 1.0)))
+    write_nifti(tmp_path / "src" / "P0002_ct.NII", hu, canonical_affine((2.0, 1.0, 1.0)))
+    code, printed = _run(["ingest", "-q", str(tmp_path / "src"), "--out", str(tmp_path / "o"), "--nifti"])
+    assert code == 0, printed
+    names = sorted(Path(r["nifti_path"]).name for r in read_csv_rows(tmp_path / "o" / "series.csv"))
+    assert [re.sub(r"-[0-9a-f]{12}\.nii\.gz$", "", n) for n in names] == ["P0001_ct", "P0002_ct"], names
+    assert all((tmp_path / "o" / "nifti" / n).is_file() for n in names)
