@@ -9,9 +9,12 @@ same files with a warm page cache (best of ``--repeats``, the methods alternatin
            by slice (``Predictor.predict_proba`` on one slice at a time), in one process;
 - project: ``lung_effnet.scoring.score_archive`` end to end (worker start, header pass, decode and
            preprocessing in ``--workers`` processes, batched inference, journal, output files);
-- data path: the project without the model: header pass, then decode and preprocessing in
-           ``--workers`` processes (``prepared_units``), the images dropped: what the workers can
-           feed a model;
+- data path: the project without the model: header pass, decode and crop boxes in ``--workers``
+           processes (``prepared_units``), windowing, crop and resize in this process on
+           ``--device`` (``finish_unit``), the images dropped: what the data path can feed a model
+           (the pool started before the clock: this row and the next time the flow, not the start);
+- decode side: the data path without windowing, crop and resize (``finish_unit``): the part that
+           stays on the CPU when a GPU does those, so the data path's ceiling there;
 - raw decode: ``pydicom.dcmread(f).pixel_array`` for every file in ``--workers`` processes, no
            model: the ceiling the data path can reach.
 
@@ -20,6 +23,7 @@ decode (target >= 0.8 on a GPU); data path / raw decode says how much of that th
 alone allows, and so whether a miss is the model's or the data path's.
 
     python benchmarks/bench_score.py --device cpu --series 8 --slices 32 --workers 1
+    python benchmarks/bench_score.py --device cpu --series 4 --slices 16 --compression jpeg2000 --skip-naive
     python benchmarks/bench_score.py --device cuda --series 48 --slices 128 --workers 15 --batch-size 128
 """
 
@@ -39,7 +43,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def write_archive(root: Path, n_series: int, n_slices: int, size: int) -> list[Path]:
+def write_archive(root: Path, n_series: int, n_slices: int, size: int, compression: str | None = None) -> list[Path]:
     from lung_effnet.synthetic.dicom_writer import write_dicom_series
     from lung_effnet.synthetic.phantom import make_phantom
 
@@ -48,7 +52,8 @@ def write_archive(root: Path, n_series: int, n_slices: int, size: int) -> list[P
         rng = np.random.default_rng(i)
         phantom = make_phantom(("benign", "malignant", "normal")[i % 3], rng, size_px=size, n_slices=n_slices)
         folder = root / f"S{i:04d}"
-        write_dicom_series(phantom.hu, phantom.spacing, folder, patient_id=f"BENCH-{i}", patient_name="BENCH^SCORE", rng=rng)
+        write_dicom_series(phantom.hu, phantom.spacing, folder, patient_id=f"BENCH-{i}", patient_name="BENCH^SCORE", rng=rng,
+                           compression=compression)
         folders.append(folder)
     return folders
 
@@ -90,21 +95,51 @@ def project(model_dir: Path, root: Path, out: Path, device: str, workers: int, b
     return summary["counts"]["slices_scored"]
 
 
-def data_path(model_dir: Path, root: Path, workers: int) -> int:
-    import yaml
+def started_pool(workers: int, device: str):
+    """The project's decode pool with its processes up (a no-op round trip each): the data-path
+    rows time the flow of slices, not the pool's start (the project row includes it). On CUDA the
+    workers decode compressed pixel data as ``score --device cuda`` does (``io.gpu_decode``)."""
+    from lung_effnet.scoring.runner import start_pool
 
-    from lung_effnet.config import from_dict
+    pool = start_pool(workers, gpu_decode=device == "cuda")
+    if pool is not None:
+        list(pool.map(int, range(4 * workers)))
+    return pool
+
+
+def header_map(pool, workers: int):
+    """The header pass as ``score_archive`` runs it: spread over the workers when there are 2+."""
+    from functools import partial
+
+    from lung_effnet.scoring.runner import HEADER_CHUNK
+
+    return partial(pool.map, chunksize=HEADER_CHUNK) if pool is not None and workers > 1 else None
+
+
+def decode_side(cfg, root: Path, pool, workers: int) -> int:
+    """The data path's CPU part: header pass, decode and crop boxes in the workers, handed over;
+    what stays on the CPU when a GPU windows, crops and resizes."""
     from lung_effnet.scoring.discover import discover
-    from lung_effnet.scoring.runner import prepared_units, start_pool
+    from lung_effnet.scoring.runner import prepared_units
 
-    cfg = from_dict(yaml.safe_load((model_dir / "config.yaml").read_text())).data  # the model's preprocessing
-    pool = start_pool(workers)
-    try:
-        units = discover(root, progress=False).units
-        return sum(len(prepared.images) for _, prepared in prepared_units(units, cfg, pool, workers))
-    finally:
-        if pool is not None:
-            pool.shutdown()
+    units = discover(root, progress=False, map_fn=header_map(pool, workers)).units
+    return sum(sum(len(v) for v in prepared.volumes) for _, prepared in prepared_units(units, cfg, pool, workers))
+
+
+def data_path(cfg, root: Path, pool, workers: int, device: str) -> int:
+    """Header pass, decode and crop boxes in the workers; windowing, crop and resize here on
+    ``device`` (``finish_unit``), the images dropped."""
+    import torch
+
+    from lung_effnet.scoring.discover import discover
+    from lung_effnet.scoring.prepare import finish_unit
+    from lung_effnet.scoring.runner import prepared_units
+
+    units = discover(root, progress=False, map_fn=header_map(pool, workers)).units
+    n = sum(len(finish_unit(prepared, cfg, device)) for _, prepared in prepared_units(units, cfg, pool, workers))
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return n
 
 
 def _decode_files(files: list[str]) -> int:
@@ -116,8 +151,11 @@ def _decode_files(files: list[str]) -> int:
 
 
 def raw_decode(folders: list[Path], workers: int) -> int:
+    from lung_effnet.io.gpu_decode import disable_gpu_decode
+
     chunks = [[str(f) for f in sorted(folder.iterdir())] for folder in folders]
-    with ProcessPoolExecutor(max(1, workers)) as pool:
+    # pydicom's CPU plugins, also where this process registered nvImageCodec (score_archive on CUDA)
+    with ProcessPoolExecutor(max(1, workers), initializer=disable_gpu_decode) as pool:
         return sum(pool.map(_decode_files, chunks))
 
 
@@ -177,6 +215,8 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=32)
     parser.add_argument("--size", type=int, default=512, help="DICOM matrix, px")
     parser.add_argument("--image-size", type=int, default=224, help="model input, px")
+    parser.add_argument("--compression", choices=["none", "jpeg2000", "jpegls", "rle"], default="none",
+                        help="transfer syntax of the archive (lossless); JPEG 2000 decodes ~50x slower than none")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--workers", type=int, default=None, help="default: what `lung-effnet score` picks for --device")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -195,15 +235,22 @@ def main() -> None:
         return peak_memory(args)
 
     import torch
+    import yaml
 
+    from lung_effnet.config import from_dict
     from lung_effnet.console import format_table
 
     work = Path(tempfile.mkdtemp(prefix="bench_score_"))
+    pool = None
     try:
-        folders = write_archive(work / "archive", args.series, args.slices, args.size)
+        compression = None if args.compression == "none" else args.compression
+        folders = write_archive(work / "archive", args.series, args.slices, args.size, compression)
         model_dir = write_model(work / "model", args.image_size, args.folds)
+        cfg = from_dict(yaml.safe_load((model_dir / "config.yaml").read_text())).data  # the model's preprocessing
+        pool = started_pool(args.workers, args.device)
         methods = {"project": lambda: project(model_dir, work / "archive", work / "out", args.device, args.workers, args.batch_size),
-                   "data path": lambda: data_path(model_dir, work / "archive", args.workers),
+                   "data path": lambda: data_path(cfg, work / "archive", pool, args.workers, args.device),
+                   "decode side": lambda: decode_side(cfg, work / "archive", pool, args.workers),
                    "raw decode": lambda: raw_decode(folders, args.workers)}
         if not args.skip_naive:
             methods = {"naive": lambda: naive(model_dir, folders, args.device), **methods}
@@ -218,17 +265,26 @@ def main() -> None:
         labels = {"naive": "naive loop (read series, score slice by slice, 1 process)",
                   "project": f"project (score_archive, {args.workers} workers, batch {args.batch_size})",
                   "data path": f"data path (project without the model, {args.workers} workers)",
+                  "decode side": "  its decode side (header pass, decode, crop boxes)",
                   "raw decode": f"raw pydicom decode ({args.workers} processes, no model)"}
         rows = [[labels[k], f"{args.series / t * 60:.1f}", f"{n / t:.1f}", f"{t:.1f}"] for k, t in best.items()]
         device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+        if args.device == "cuda":
+            from lung_effnet.io.gpu_decode import enable_gpu_decode
+
+            device += f"; compressed DICOM: {enable_gpu_decode()[1]} (raw decode: pydicom's CPU plugins)"
         print(format_table(["method", "series/min", "slices/s", "s"], rows,
-                           f"Batch scoring, {args.series} series x {args.slices} slices of {args.size} px, "
+                           f"Batch scoring, {args.series} series x {args.slices} slices of {args.size} px ({args.compression}), "
                            f"{args.folds}-fold b0 at {args.image_size} px, {device}, best of {args.repeats}"))
         if "naive" in best:
             print(f"project / naive loop:  {best['naive'] / best['project']:.2f}x  (target >= 3 on CPU)")
         print(f"project / raw decode:  {best['raw decode'] / best['project']:.2f}  (target >= 0.8 on a GPU)")
-        print(f"data path / raw decode:  {best['raw decode'] / best['data path']:.2f}  (what the workers allow)")
+        print(f"data path / raw decode:  {best['raw decode'] / best['data path']:.2f}  (target >= 0.8: what the data path allows a model)")
+        print(f"decode side / raw decode:  {best['raw decode'] / best['decode side']:.2f}  (the data path's ceiling when "
+              f"windowing, crop and resize run on a GPU)")
     finally:
+        if pool is not None:
+            pool.shutdown()
         shutil.rmtree(work, ignore_errors=True)
 
 

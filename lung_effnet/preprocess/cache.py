@@ -30,7 +30,7 @@ from lung_effnet.io.planes import GRAY, HU, read_dicom_file
 from lung_effnet.preprocess.transforms import preprocess_sample
 from lung_effnet.preprocess.volume import context_planes
 
-CACHE_VERSION = 2  # 2: 12-bit grey images scaled by 4095, not 65535 (io.images2d.gray_divisor)
+CACHE_VERSION = 3  # 2: 12-bit grey images scaled by 4095, not 65535 (io.images2d.gray_divisor); 3: lungs found on a grid (preprocess.volume.lung_step)
 """Bump when preprocessing changes meaning: old entries are then never read."""
 PREPROCESS_KEYS = ("image_size", "window_center", "window_width", "spacing_mm", "context_slices", "crop")
 

@@ -11,6 +11,7 @@ would pay them at start.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import cast
 
 import numpy as np
@@ -82,31 +83,56 @@ def otsu_threshold(plane: np.ndarray, bins: int = 64) -> float:
     return float(edges[int(np.nanargmax(np.nan_to_num(between[:-1], nan=-1.0))) + 1])
 
 
+LUNG_GRID_PX = 128
+"""The lungs are found on every ``lung_step``-th row and column of a plane, about this many a
+side (a 512 px slice: every 4th, 2.7 mm apart): a lung is 10 cm across and the box gets a margin
+of 6% anyway, and finding them at full resolution cost 2 ms a plane, more than decoding it."""
+
+
+def lung_step(height: int, width: int) -> int:
+    """The grid step of ``plane_lung_box`` for an ``(height, width)`` plane: 1 up to 255 px."""
+    return max(1, min(height, width) // LUNG_GRID_PX)
+
+
 def plane_lung_box(plane: np.ndarray, threshold: float | None) -> tuple[int, int, int, int] | None:
     """The lungs' bounding box in one ``(H, W)`` float32 plane in [0, 1]: ``(top, bottom, left,
     right)`` (end-exclusive, ``LUNG_MARGIN`` added, clipped to the plane), or ``None`` when the plane
     shows no lungs (above the apices, below the bases, a blank or non-chest image).
 
-    Lungs are the dark connected regions (below ``threshold``, or the plane's Otsu threshold when it
-    is ``None``) that do not touch the plane's edge (the air around the body does, through the
-    padding outside the reconstruction circle) and cover at least ``LUNG_MIN_AREA`` of the plane.
+    Found on the plane's ``lung_step`` grid (``grid_lung_box``); a windowed plane's grid is the grid
+    of the windowed plane, so the decode workers window only the grid (``volume_boxes``).
     """
-    dark = plane < (otsu_threshold(plane) if threshold is None else threshold)
+    step = lung_step(*plane.shape)
+    return grid_lung_box(np.ascontiguousarray(plane[::step, ::step]), threshold, step, plane.shape)
+
+
+def grid_lung_box(grid: np.ndarray, threshold: float | None, step: int,
+                  shape: tuple[int, int]) -> tuple[int, int, int, int] | None:
+    """``plane_lung_box`` from the plane's ``step`` grid ``plane[::step, ::step]`` (``(h, w)``
+    float32 in [0, 1]); ``shape`` is the plane's ``(H, W)``.
+
+    Lungs are the dark connected regions (below ``threshold``, or the grid's Otsu threshold when it
+    is ``None``) that do not touch the grid's edge (the air around the body does, through the
+    padding outside the reconstruction circle) and cover at least ``LUNG_MIN_AREA`` of it. A grid
+    row ``r`` stands for plane rows ``r * step`` to ``r * step + step - 1``.
+    """
+    dark = grid < (otsu_threshold(grid) if threshold is None else threshold)
     labels, n = ndimage.label(dark)
     if n == 0:
         return None
     area = np.bincount(labels.ravel(), minlength=n + 1)
-    keep = area >= LUNG_MIN_AREA * plane.size
+    keep = area >= LUNG_MIN_AREA * grid.size
     keep[0] = False
     keep[np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))] = False
     if not keep.any():
         return None
     lungs = keep[labels]
     rows, cols = np.flatnonzero(lungs.any(1)), np.flatnonzero(lungs.any(0))
-    margin = max(2, int(LUNG_MARGIN * max(rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1)))
-    h, w = plane.shape
-    return (max(int(rows[0]) - margin, 0), min(int(rows[-1]) + margin + 1, h),
-            max(int(cols[0]) - margin, 0), min(int(cols[-1]) + margin + 1, w))
+    top, bottom = int(rows[0]) * step, (int(rows[-1]) + 1) * step
+    left, right = int(cols[0]) * step, (int(cols[-1]) + 1) * step
+    margin = max(2, int(LUNG_MARGIN * max(bottom - top, right - left)))
+    h, w = shape
+    return max(top - margin, 0), min(bottom + margin, h), max(left - margin, 0), min(right + margin, w)
 
 
 def hull(boxes) -> tuple[int, int, int, int] | None:
@@ -133,18 +159,124 @@ def context_planes(hu: np.ndarray, k: int, context: int) -> np.ndarray:
     return hu[idx]
 
 
+@dataclass
+class DecodedVolume:
+    """A decoded volume and where each of its samples is cropped: what a decode worker hands the
+    scoring process (``scoring.prepare``), which windows, crops and resizes it on the scoring
+    device (``finish_volume``).
+
+    ``planes``: ``(Z, H, W)`` in the source scale (HU, or grey levels), int16 when the values are
+    (DICOM usually: half the bytes to hand over; a torch tensor crosses to the scoring process in
+    shared memory, not through a pipe, and holds a file descriptor there until it is freed; a unit of
+    many 2D images hands over numpy arrays instead, pickled, so as not to hold one each), else float32; resampled to ``cfg.spacing_mm`` if set.
+    ``boxes``: ``(Z, 4)`` int32 crop box ``(top, bottom, left, right)`` of sample k, end-exclusive,
+    all -1 for no crop. ``scale``: grey images' divisor to the 8-bit scale (``gray_divisor``).
+    """
+
+    planes: torch.Tensor | np.ndarray
+    boxes: np.ndarray
+    intensity: str
+    scale: float | None = None
+
+    def __len__(self) -> int:
+        return len(self.planes)
+
+
+def volume_boxes(volume: np.ndarray, intensity: str, cfg: DataConfig,
+                 spacing: tuple[float, float] | None = None) -> DecodedVolume:
+    """The decode side of ``preprocess_volume``: resampling (when configured) and every sample's
+    crop box, without windowing or resizing the planes themselves.
+
+    Each plane's lungs are found on its grid (windowed: ``grid_lung_box``); a sample's box is the
+    hull of its planes' lungs; where none shows lungs, or with ``crop: body``, the box is the
+    body's, from each row's and column's brightest pixel (windowing is monotone, so a row holds a
+    pixel above the body threshold exactly when its brightest one is: no full-plane windowing).
+
+    Args:
+        volume: ``(Z, H, W)`` HU or grey 0..255 (12- and 16-bit grey is scaled by ``scale``).
+        spacing: ``(dy, dx)`` mm; resampled to ``cfg.spacing_mm`` when both are set (HU only).
+    """
+    scale = gray_divisor(float(np.max(volume, initial=0))) if intensity == GRAY else None
+    planes = _resampled(volume, cfg.spacing_mm, spacing) if spacing and cfg.spacing_mm and intensity == HU else volume
+    z, (h, w) = len(planes), planes.shape[1:]
+    boxes = np.full((z, 4), -1, np.int32)
+    if cfg.crop != "none" and z:
+        low, high = window_bounds(cfg, intensity)
+        body_t = body_threshold(cfg, intensity)
+        step = lung_step(h, w)
+        lungs = ([grid_lung_box(_window(planes[k, ::step, ::step], scale, low, high).numpy(), lung_threshold(cfg, intensity),
+                                step, (h, w)) for k in range(z)] if cfg.crop == "lung" else [None] * z)
+        body: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # plane -> its body rows (H,), columns (W,)
+
+        def body_of(i: int) -> tuple[torch.Tensor, torch.Tensor]:  # only where a sample falls back to it
+            if i not in body:
+                body[i] = (_window(np.max(planes[i], axis=1), scale, low, high) > body_t,
+                           _window(np.max(planes[i], axis=0), scale, low, high) > body_t)
+            return body[i]
+
+        for k in range(z):
+            index = context_planes(np.arange(z), k, cfg.context_slices)
+            box = hull(lungs[i] for i in index) if cfg.crop == "lung" else None
+            if box is None:
+                if cfg.crop == "lung":
+                    warn_no_lungs()
+                rows, cols = zip(*(body_of(int(i)) for i in index))
+                box = _body_box(torch.stack(rows).any(0), torch.stack(cols).any(0))
+            if box is not None:
+                boxes[k] = box
+    tensor = torch.from_numpy(np.ascontiguousarray(planes))
+    return DecodedVolume(tensor if tensor.dtype in (torch.int16, torch.float32) else tensor.float(), boxes, intensity, scale)
+
+
+def finish_volume(decoded: DecodedVolume, cfg: DataConfig, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The per-pixel side of ``preprocess_volume``, on ``device``: window each chunk of planes once
+    (only where some sample's box reaches), then crop each sample's planes to its box, pad them to
+    a square and area-resize them (once per run of samples with the same box). On the CPU the values equal the per-sample MONAI chain's exactly; on a GPU
+    they differ by float rounding (the area average's summation order).
+
+    Returns:
+        ``(Z, 2 * cfg.context_slices + 1, S, S)`` float16 in [0, 1] on ``device``.
+    """
+    context, size, z = cfg.context_slices, cfg.image_size, len(decoded)
+    out = torch.empty((z, 2 * context + 1, size, size), dtype=torch.float16, device=device)
+    low, high = window_bounds(cfg, decoded.intensity)
+    boxes = decoded.boxes
+    for first in range(0, z, VOLUME_CHUNK):
+        last = min(first + VOLUME_CHUNK, z)
+        lo = max(first - context, 0)  # the chunk's slices and the neighbours they take as context
+        # windowing is per pixel: only the region some sample of the chunk is cropped to is needed
+        region = _union(boxes[first:last], decoded.planes.shape[1:])
+        planes = torch.as_tensor(decoded.planes)[lo:min(last + context, z), region[0]:region[1], region[2]:region[3]]
+        block = _window(planes.to(device, non_blocking=True), decoded.scale, low, high)
+        # Samples in a row that share a crop box (most, with boxes on the lung grid: the lungs
+        # change little from one slice to the next) share planes too: each plane is cropped, padded
+        # and resized once for the run, not once for each of up to three samples (2.5D), and the
+        # run's samples are gathered from the result. Area resizing treats each plane on its own,
+        # so this gives the per-sample values exactly.
+        for a, b in _runs(boxes, first, last):
+            first_plane, last_plane = max(a - context, 0) - lo, min(b - 1 + context, z - 1) - lo + 1
+            box = None if boxes[a, 0] < 0 else (int(boxes[a, 0]) - region[0], int(boxes[a, 1]) - region[0],
+                                                int(boxes[a, 2]) - region[2], int(boxes[a, 3]) - region[2])
+            resized = _crop_pad_resize(block[first_plane:last_plane], box, size)
+            # context_planes for samples a..b-1, made on the device (no host round trip a run)
+            offsets = torch.arange(-context, context + 1, device=device)
+            index = (torch.arange(a, b, device=device)[:, None] + offsets).clamp_(0, z - 1) - (lo + first_plane)
+            out[a:b] = resized[index]
+    return out
+
+
 def preprocess_volume(volume: np.ndarray, intensity: str, cfg: DataConfig,
                       spacing: tuple[float, float] | None = None) -> np.ndarray:
-    """Every slice of a volume through the chain at once, as scoring needs it.
+    """Every slice of a volume through the chain at once, on the CPU: ``volume_boxes`` then
+    ``finish_volume``.
 
     Gives for each k what ``preprocess_sample(context_planes(volume, k, c), intensity, cfg, None,
-    spacing)`` gives, as float16 (tested equal), 2-3x faster on 512 px slices (8.3 -> 3.5 ms a
-    slice on one core, 96 px out): the per-slice chain pays MONAI's MetaTensor bookkeeping on
-    every slice, most of it in steps that do not depend on the slice. Here resampling and
-    windowing run once per chunk of slices (they act on each plane alone, so a chunk gives the
-    same numbers as one plane at a time), and only the per-slice steps (lung or body crop,
-    square pad, area resize) run per slice, in plain torch with MONAI's arithmetic; each plane's
-    lungs are found once per chunk, though up to three samples use them.
+    spacing)`` gives, as float16 (tested equal), several times faster: the per-slice chain pays
+    MONAI's MetaTensor bookkeeping on every slice, windows whole planes and finds each plane's
+    lungs up to three times (2.5D). Here resampling and windowing run once per chunk of slices
+    (they act on each plane alone, so a chunk gives the same numbers as one plane at a time), each
+    plane's lungs are found once, and only crop, square pad and area resize run per slice, in
+    plain torch with MONAI's arithmetic.
 
     Args:
         volume: ``(Z, H, W)``, HU or grey 0..255 (a grey "volume" is one image: ``Z = 1``; 12- and
@@ -155,49 +287,46 @@ def preprocess_volume(volume: np.ndarray, intensity: str, cfg: DataConfig,
     Returns:
         ``(Z, 2 * cfg.context_slices + 1, S, S)`` float16 in [0, 1], S = ``cfg.image_size``.
     """
-    # float32 a chunk at a time: a whole 600-slice 512 px volume would be 600 MiB more
-    scale = gray_divisor(float(np.max(volume, initial=0))) if intensity == GRAY else None
-    context, size, z = cfg.context_slices, cfg.image_size, len(volume)
-    out = np.empty((z, 2 * context + 1, size, size), np.float16)
-    threshold = body_threshold(cfg, intensity) if cfg.crop != "none" else None
-    for first in range(0, z, VOLUME_CHUNK):
-        last = min(first + VOLUME_CHUNK, z)
-        low = max(first - context, 0)  # the chunk's slices and the neighbours they take as context
-        planes = np.asarray(volume[low:min(last + context, z)], dtype=np.float32)
-        block = _resample_and_window(planes if scale is None else planes / scale, intensity, cfg, spacing)
-        if threshold is not None:  # body rows and columns of each plane, (n, H) and (n, W)
-            body = block > threshold
-            rows, cols = body.any(2), body.any(1)
-        if cfg.crop == "lung":  # each plane's lungs once, though up to 3 samples use it
-            lung_boxes = [plane_lung_box(plane, lung_threshold(cfg, intensity)) for plane in block.numpy()]
-        for k in range(first, last):
-            index = torch.from_numpy(context_planes(np.arange(len(block)), k - low, context))
-            box = hull(lung_boxes[i] for i in index.tolist()) if cfg.crop == "lung" else None
-            if box is None and threshold is not None:
-                if cfg.crop == "lung":
-                    warn_no_lungs()
-                box = _body_box(rows[index].any(0), cols[index].any(0))
-            out[k] = _crop_pad_resize(block, index, box, size).numpy()
-    return out
+    return finish_volume(volume_boxes(volume, intensity, cfg, spacing), cfg).numpy()
 
 
-def _resample_and_window(planes: np.ndarray, intensity: str, cfg: DataConfig, spacing) -> torch.Tensor:
-    """``(n, H, W)`` -> ``(n, H', W')`` float32 tensor in [0, 1]: the chain's plane-wise steps,
-    each plane taken as a channel (the resampling grid and the intensity map are the same for
-    every channel)."""
-    x = torch.from_numpy(planes)
-    if spacing and cfg.spacing_mm and intensity == HU:
-        affine = torch.as_tensor(np.diag([spacing[0], spacing[1], 1.0, 1.0]))
-        from monai.data import MetaTensor
-        from monai.transforms import Spacingd
+def _window(values, scale: float | None, low: float, high: float) -> torch.Tensor:
+    """Grey levels or HU (array or tensor, any dtype) -> float32 tensor in [0, 1]: divided by
+    ``scale`` (grey), then ScaleIntensityRange's arithmetic, ``(x - a_min) / (a_max - a_min)``
+    (its "* 1 + 0" is exact), clipped: the same float32 values as the per-sample chain. In place
+    on a float copy (a 512 px chunk of 32 planes is 32 MiB)."""
+    x = torch.as_tensor(values)
+    x = x.clone() if x.dtype == torch.float32 else x.float()  # never write the caller's data
+    if scale is not None:
+        x.div_(scale)
+    return x.sub_(low).div_(high - low).clamp_(0.0, 1.0)
 
-        resample = Spacingd(["image"], pixdim=(cfg.spacing_mm, cfg.spacing_mm), mode=("bilinear",))
+
+def _union(boxes: np.ndarray, shape) -> tuple[int, int, int, int]:
+    """The region of an ``(H, W)`` plane that the ``(n, 4)`` boxes cover (the whole plane if any
+    sample is not cropped)."""
+    if len(boxes) == 0 or (boxes[:, 0] < 0).any():
+        return 0, int(shape[0]), 0, int(shape[1])
+    return int(boxes[:, 0].min()), int(boxes[:, 1].max()), int(boxes[:, 2].min()), int(boxes[:, 3].max())
+
+
+def _resampled(volume: np.ndarray, spacing_mm: float, spacing: tuple[float, float]) -> np.ndarray:
+    """``(Z, H, W)`` resampled in-plane to ``spacing_mm`` with MONAI's ``Spacingd`` (bilinear),
+    each plane as a channel (the grid is the same for every plane), a chunk at a time: float32."""
+    from monai.data import MetaTensor
+    from monai.transforms import Spacingd
+
+    affine = torch.as_tensor(np.diag([spacing[0], spacing[1], 1.0, 1.0]))
+    resample = Spacingd(["image"], pixdim=(spacing_mm, spacing_mm), mode=("bilinear",))
+    out: np.ndarray | None = None  # filled chunk by chunk: no list of chunks plus their concatenation
+    for first in range(0, len(volume), VOLUME_CHUNK):
+        x = torch.from_numpy(np.asarray(volume[first:first + VOLUME_CHUNK], dtype=np.float32))
         # Spacingd is typed as returning Tensors; it returns the MetaTensor it resampled
-        x = cast(MetaTensor, resample({"image": MetaTensor(x, affine=affine)})["image"]).as_tensor().float()
-    low, high = window_bounds(cfg, intensity)
-    # ScaleIntensityRange's arithmetic, (x - a_min) / (a_max - a_min) (its "* 1 + 0" is exact), so
-    # the float32 values match; in place, as a copy of a 512 px chunk is 32 MiB
-    return torch.sub(x, low).div_(high - low).clamp_(0.0, 1.0)
+        chunk = cast(MetaTensor, resample({"image": MetaTensor(x, affine=affine)})["image"]).as_tensor().float().numpy()
+        if out is None:
+            out = np.empty((len(volume), *chunk.shape[1:]), np.float32)
+        out[first:first + len(chunk)] = chunk
+    return out if out is not None else np.asarray(volume, np.float32)
 
 
 def _body_box(rows: torch.Tensor, cols: torch.Tensor) -> tuple[int, int, int, int] | None:
@@ -211,13 +340,20 @@ def _body_box(rows: torch.Tensor, cols: torch.Tensor) -> tuple[int, int, int, in
             max(int(c[0]) - BODY_MARGIN, 0), min(int(c[-1]) + BODY_MARGIN + 1, len(cols)))
 
 
-def _crop_pad_resize(block: torch.Tensor, planes: torch.Tensor, box: tuple[int, int, int, int] | None,
-                     size: int) -> torch.Tensor:
-    """One sample, the ``(C,)`` ``planes`` of an ``(n, H, W)`` block in [0, 1] -> ``(C, S, S)``:
-    crop to ``box`` (``None``: no crop), MONAI's symmetric SpatialPad to a square with zeros, area
-    Resize. Cropping before gathering the planes copies only the box."""
-    x = block if box is None else block[:, box[0]:box[1], box[2]:box[3]]
-    x = x[planes]
+def _runs(boxes: np.ndarray, first: int, last: int) -> list[tuple[int, int]]:
+    """Runs ``[a, b)`` of consecutive samples in ``first..last`` with the same crop box."""
+    runs, a = [], first
+    for k in range(first + 1, last + 1):
+        if k == last or not np.array_equal(boxes[k], boxes[a]):
+            runs.append((a, k))
+            a = k
+    return runs
+
+
+def _crop_pad_resize(planes: torch.Tensor, box: tuple[int, int, int, int] | None, size: int) -> torch.Tensor:
+    """``(n, H, W)`` planes in [0, 1] -> ``(n, S, S)``: crop to ``box`` (``None``: no crop), MONAI's
+    symmetric SpatialPad to a square with zeros, area Resize (each plane on its own, as a channel)."""
+    x = planes if box is None else planes[:, box[0]:box[1], box[2]:box[3]]
     h, w = x.shape[1:]
     side = max(h, w)
     x = F.pad(x, ((side - w) // 2, side - w - (side - w) // 2, (side - h) // 2, side - h - (side - h) // 2))

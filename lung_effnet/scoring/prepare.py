@@ -1,14 +1,22 @@
-"""Worker side: decode one unit and preprocess its slices exactly as training did.
+"""Worker side: decode one unit and find where each of its slices is cropped; the scoring process
+finishes the preprocessing (``finish_unit``) exactly as training did.
 
-Runs in a worker process (or in-process with ``--workers 0``); everything here is a top-level,
-picklable function of plain data, so it works under the ``spawn`` start method.
+``prepare_unit`` runs in a worker process (or in-process with ``--workers 0``); everything here is a
+top-level, picklable function of plain data, so it works under the ``spawn`` start method. The
+worker does what needs the CPU and scipy (decode, the lungs' connected components on a grid,
+``preprocess.volume.volume_boxes``) and hands over the planes as they were decoded (int16 for most
+DICOM, in shared memory: torch tensors cross process boundaries as file descriptors, not pickles).
+Windowing, cropping and the area resize, the per-pixel work, run in the scoring process on the
+scoring device (``preprocess.volume.finish_volume``): on a GPU, batched there, so that the workers
+only decode (``benchmarks/bench_score.py``, "data path").
 
 Training's sample from a volume plane (``preprocess.cache.PlaneReader`` + ``load_or_preprocess``) is:
 the ``(2c+1, H, W)`` planes of slice k in HU (``context_planes``, edges repeated), the volume's
 in-plane spacing ``(dy, dx)`` mm, ``preprocess_sample`` (resample, window, body crop, pad, resize),
 stored as float16. 2D images are grey levels, repeated ``2c+1`` times, without spacing. Scoring
-runs the same chain with the model's saved ``DataConfig`` through ``preprocess_volume``, which
-does a whole volume at once and gives the same float16 values (``tests/preprocess/test_volume_preprocess.py``).
+runs the same chain with the model's saved ``DataConfig`` on whole volumes (``volume_boxes`` here,
+``finish_volume`` in the scoring process), which gives the same float16 values on the CPU
+(``tests/preprocess/test_volume_preprocess.py``).
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
+import torch
 
 from lung_effnet.config import DataConfig
 from lung_effnet.io.dicom_series import load_series
@@ -31,7 +39,7 @@ from lung_effnet.io.ledger import Ledger
 from lung_effnet.io.nifti import read_nifti
 from lung_effnet.io.planes import GRAY, HU
 from lung_effnet.io.volume import NonFiniteValuesError
-from lung_effnet.preprocess.volume import preprocess_volume
+from lung_effnet.preprocess.volume import DecodedVolume, finish_volume, volume_boxes
 from lung_effnet.scoring.discover import DICOM, IMAGES, NIFTI, ScoreUnit
 
 MIN_CT_HU = -200.0
@@ -62,26 +70,43 @@ class PreparedItem:
 
 @dataclass
 class PreparedUnit:
-    """A decoded, preprocessed unit. ``images``: ``(N, C, S, S)`` float16 in [0, 1]."""
+    """A decoded unit: ``volumes``, one per series, volume or image, in the order of ``items``;
+    ``images``, ``(N, C, S, S)`` float16 in [0, 1], made from them by ``finish_unit`` on the
+    scoring device (``None`` until then)."""
 
     key: str
-    images: np.ndarray
+    volumes: list[DecodedVolume]
     items: list[PreparedItem]
     ledger_rows: list[dict]
     decode_s: float
+    images: torch.Tensor | None = None
 
 
-def init_worker(run_pid: int | None = None) -> None:
+def finish_unit(prepared: PreparedUnit, cfg: DataConfig, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Window, crop and resize a decoded unit's slices on ``device``; returns them and keeps them
+    as ``prepared.images``: ``(N, C, S, S)`` float16."""
+    parts = [finish_volume(volume, cfg, device) for volume in prepared.volumes]
+    channels, size = 2 * cfg.context_slices + 1, cfg.image_size
+    prepared.images = (torch.cat(parts) if parts else
+                       torch.zeros((0, channels, size, size), dtype=torch.float16, device=device))
+    return prepared.images
+
+
+def init_worker(run_pid: int | None = None, gpu_decode: bool = False) -> None:
     """Worker processes use one thread each: parallelism comes from the processes, and torch's
     default of one thread per core in every worker would oversubscribe the machine.
 
-    ``run_pid``: the scoring process; the worker ends when it ends (``die_with``)."""
+    ``run_pid``: the scoring process; the worker ends when it ends (``die_with``).
+    ``gpu_decode``: register nvImageCodec for compressed pixel data (``io.gpu_decode``; the CPU
+    decodes where it is missing or not exact)."""
     os.environ["OMP_NUM_THREADS"] = "1"
-    import torch
-
     torch.set_num_threads(1)
     if run_pid is not None:
         die_with(run_pid)
+    if gpu_decode:
+        from lung_effnet.io.gpu_decode import enable_gpu_decode
+
+        enable_gpu_decode()
 
 
 PR_SET_PDEATHSIG = 1
@@ -129,17 +154,14 @@ def _exists(pid: int) -> bool:
 
 
 def prepare_unit(unit: ScoreUnit, cfg: DataConfig) -> PreparedUnit:
-    """Decode and preprocess a unit; unusable files become ledger rows, never exceptions."""
+    """Decode a unit and find its crop boxes (``finish_unit`` does the rest); unusable files
+    become ledger rows, never exceptions."""
     start = time.perf_counter()
     ledger = Ledger()
     reader = {DICOM: _dicom, NIFTI: _nifti, IMAGES: _images}[unit.kind]
-    images, items = reader(unit, cfg, ledger)
+    volumes, items = reader(unit, cfg, ledger)
     rows = [{**row, "stage": ledger.stages.get(path, "")} for path, row in ledger.rows.items()]
-    return PreparedUnit(unit.key, images, items, rows, time.perf_counter() - start)
-
-
-def _empty(cfg: DataConfig) -> np.ndarray:
-    return np.zeros((0, 2 * cfg.context_slices + 1, cfg.image_size, cfg.image_size), np.float16)
+    return PreparedUnit(unit.key, volumes, items, rows, time.perf_counter() - start)
 
 
 def _fail_all(unit: ScoreUnit, ledger: Ledger, stage: str, reason: str) -> None:
@@ -155,17 +177,17 @@ def _dicom(unit: ScoreUnit, cfg: DataConfig, ledger: Ledger):
     volume = load_series(unit.series, ledger)  # failed slices -> ledger rows (stage decode)
     if volume is None:
         _fail_all(unit, ledger, "decode", "no slice of the series could be decoded")
-        return _empty(cfg), [item]
+        return [], [item]
     try:
-        images = preprocess_volume(volume.hu, HU, cfg, volume.spacing[1:])
+        decoded = volume_boxes(volume.hu, HU, cfg, volume.spacing[1:])
     except Exception as exc:  # geometry the transforms cannot take: the series fails, the run goes on
         _fail_all(unit, ledger, "preprocess", f"series not preprocessable: {type(exc).__name__}"[:300])
-        return _empty(cfg), [item]
+        return [], [item]
     for rel in volume.source_files:
         ledger.used(rel, unit.key)
     item.status = INCOMPLETE if volume.warnings else OK
-    item.stop, item.slice_files, item.warnings = len(images), list(volume.source_files), list(volume.warnings)
-    return images, [item]
+    item.stop, item.slice_files, item.warnings = len(decoded), list(volume.source_files), list(volume.warnings)
+    return [decoded], [item]
 
 
 def _nifti(unit: ScoreUnit, cfg: DataConfig, ledger: Ledger):
@@ -175,40 +197,43 @@ def _nifti(unit: ScoreUnit, cfg: DataConfig, ledger: Ledger):
         volume = read_nifti(Path(unit.root) / rel, series_uid=rel)
     except NonFiniteValuesError as exc:  # NaN voxels: failed, never scored (a NaN slice scores "benign")
         ledger.failed(rel, "decode", str(exc), rel)
-        return _empty(cfg), [item]
+        return [], [item]
     except Exception as exc:  # not a readable 3D NIfTI: one error row
         ledger.failed(rel, "decode", f"NIfTI not readable: {type(exc).__name__}: {exc}"[:300], rel)
-        return _empty(cfg), [item]
+        return [], [item]
     if volume.n_slices == 0 or float(volume.hu.min()) > MIN_CT_HU:
         ledger.skipped(rel, "decode", f"no voxel below {MIN_CT_HU:.0f} HU: not a CT volume in HU (a mask or label map?)", rel)
         item.status = SKIPPED
-        return _empty(cfg), [item]
+        return [], [item]
     try:
-        images = preprocess_volume(volume.hu, HU, cfg, volume.spacing[1:])
+        decoded = volume_boxes(volume.hu, HU, cfg, volume.spacing[1:])
     except Exception as exc:
         ledger.failed(rel, "preprocess", f"volume not preprocessable: {type(exc).__name__}"[:300], rel)
-        return _empty(cfg), [item]
+        return [], [item]
     ledger.used(rel, rel)
-    item.status, item.stop, item.slice_files = OK, len(images), [rel] * len(images)
-    return images, [item]
+    item.status, item.stop, item.slice_files = OK, len(decoded), [rel] * len(decoded)
+    return [decoded], [item]
 
 
 def _images(unit: ScoreUnit, cfg: DataConfig, ledger: Ledger):
-    images: list[np.ndarray] = []
+    volumes: list[DecodedVolume] = []
     items: list[PreparedItem] = []
     for rel in unit.files:
         try:
             plane = read_image_2d(Path(unit.root) / rel)
-            image = preprocess_volume(plane[None], GRAY, cfg)[0]  # one plane: context repeats it
+            decoded = volume_boxes(plane[None], GRAY, cfg)  # one plane: context repeats it
+            # as numpy: a shared-memory tensor holds a file descriptor in the scoring process, and a
+            # unit of 64 images times the units in flight would exhaust a 1,024-descriptor limit
+            decoded.planes = torch.as_tensor(decoded.planes).numpy()
         except Exception as exc:  # truncated or not really an image, NaN pixels: one row, go on
             reason = str(exc) if isinstance(exc, NonFiniteValuesError) else f"image not decodable: {type(exc).__name__}: {exc}"
             ledger.failed(rel, "decode", reason[:300], rel)
             items.append(PreparedItem(rel, rel, FAILED))
             continue
         ledger.used(rel, rel)
-        items.append(PreparedItem(rel, rel, OK, len(images), len(images) + 1, [rel]))
-        images.append(image)
-    return (np.stack(images) if images else _empty(cfg)), items
+        items.append(PreparedItem(rel, rel, OK, len(volumes), len(volumes) + 1, [rel]))
+        volumes.append(decoded)
+    return volumes, items
 
 
 def series_folder(files: list[str]) -> str:

@@ -1,7 +1,8 @@
 """The score stage's loop: discover -> decode in workers -> batched ensemble inference -> records.
 
-Decoding and preprocessing (``prepare``) run in ``workers`` processes (``forkserver``, one thread
-each) while the main process runs the model, so decode overlaps inference. At most
+Decoding and finding the crop boxes (``prepare``) run in ``workers`` processes (``forkserver``, one
+thread each) while the main process windows, crops and resizes the decoded planes on the scoring
+device (``prepare.finish_unit``) and runs the model, so decode overlaps inference. At most
 ``workers + PREFETCH`` units are in flight (being decoded or waiting for the model), which bounds
 memory by a few series whatever the archive size. Each finished unit is journaled at once
 (``journal``); the final files are rebuilt from the journal at the end (``outputs``), so a killed
@@ -14,6 +15,7 @@ on which other series happened to share its batch, which keeps resumed runs bit-
 from __future__ import annotations
 
 import hashlib
+import logging
 import multiprocessing
 import os
 import threading
@@ -36,8 +38,10 @@ from lung_effnet.scoring.aggregate import TOP_K
 from lung_effnet.scoring.discover import DICOM, Discovery, ScoreUnit, discover
 from lung_effnet.scoring.journal import RECORD_VERSION, Journal
 from lung_effnet.scoring.outputs import make_record, pseudonymize_discovery, pseudonymize_prepared, write_outputs
-from lung_effnet.scoring.prepare import PreparedUnit, init_worker, prepare_unit
+from lung_effnet.scoring.prepare import PreparedUnit, finish_unit, init_worker, prepare_unit
 from lung_effnet.version import __version__
+
+log = logging.getLogger(__name__)
 
 PREFETCH = 2
 """Decoded units that may wait for the model beyond one per worker."""
@@ -67,7 +71,8 @@ def inference_threads(workers: int) -> int:
 
 
 class SliceScorer:
-    """Runs the fold ensemble on a unit's slices: ``(N, C, S, S)`` float16 -> ``(N, 3)`` float64.
+    """Runs the fold ensemble on a unit's slices: ``(N, C, S, S)`` float16 (array, or tensor on any
+    device) -> ``(N, 3)`` float64.
 
     Training's evaluation numerics: fp32 on CPU; bf16 autocast on CUDA when the model was trained
     with ``train.amp``; channels_last when it was trained with it. The ensemble runs as its
@@ -84,9 +89,9 @@ class SliceScorer:
             self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
     @torch.no_grad()
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(images)
-        if self.device.type == "cuda":
+    def __call__(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
+        x = torch.as_tensor(images)
+        if self.device.type == "cuda" and x.device.type == "cpu":
             x = x.pin_memory()  # lets the copy below run asynchronously
         out = []
         for start in range(0, len(x), self.batch_size):
@@ -98,9 +103,10 @@ class SliceScorer:
         return torch.cat(out).double().numpy() if out else np.zeros((0, len(CLASSES)))
 
 
-def start_pool(workers: int) -> ProcessPoolExecutor | None:
+def start_pool(workers: int, gpu_decode: bool = False) -> ProcessPoolExecutor | None:
     """The decode processes, started in the background so that their start overlaps model loading
-    and the header pass. ``forkserver`` (where the OS has it) imports the worker's modules (torch,
+    and the header pass; with ``gpu_decode`` each registers nvImageCodec for compressed pixel data
+    where it is installed and decodes exactly (``io.gpu_decode``). ``forkserver`` (where the OS has it) imports the worker's modules (torch,
     pydicom; not MONAI, see ``preprocess.volume``) once, in the server, and forks each worker
     from it; ``spawn`` would import them again in every worker, and plain ``fork`` of a process
     already running torch threads can deadlock. Starting the first worker waits for the server's
@@ -112,7 +118,7 @@ def start_pool(workers: int) -> ProcessPoolExecutor | None:
     if ctx.get_start_method() == "forkserver":
         ctx.set_forkserver_preload([prepare_unit.__module__])
     # workers end when this process ends, even by SIGKILL (init_worker); the forkserver follows
-    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker, initargs=(os.getpid(),))
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker, initargs=(os.getpid(), gpu_decode))
     threading.Thread(target=_start_processes, args=(pool, workers), daemon=True).start()
     return pool
 
@@ -200,7 +206,7 @@ def score_archive(model: str | Path, input_dir: str | Path, out_dir: str | Path,
     dev = resolve_device(device)
     uids = UidPseudonyms.from_key_file(pseudonymize_uids) if pseudonymize_uids is not None else None
     workers = default_workers(dev) if workers is None else workers
-    pool = start_pool(workers)
+    pool = start_pool(workers, gpu_decode=dev.type == "cuda")
     try:
         return _score(model, input_dir, out_dir, dev, pool, started, batch_size=batch_size, workers=workers,
                       saliency=saliency, top_k=top_k, progress=progress, uids=uids)
@@ -212,6 +218,12 @@ def score_archive(model: str | Path, input_dir: str | Path, out_dir: str | Path,
 def _score(model, input_dir: Path, out_dir: Path, dev: torch.device, pool, started: float, *, batch_size: int,
            workers: int, saliency: bool, top_k: int, progress: bool, uids: UidPseudonyms | None = None) -> dict:
     predictor = load_model(model, str(dev))
+    decode = "pydicom (CPU)"
+    if dev.type == "cuda":  # here for --workers 0 and for the record; each worker registers its own
+        from lung_effnet.io.gpu_decode import enable_gpu_decode
+
+        decode = enable_gpu_decode()[1]
+        log.info("compressed DICOM: %s", decode)
     journal = Journal(out_dir, {"version": RECORD_VERSION, "model": model_fingerprint(predictor),
                                 "rule": RULE, "top_k": top_k, "saliency": saliency,
                                 **({"uid_key": uids.fingerprint} if uids is not None else {})})
@@ -238,6 +250,7 @@ def _score(model, input_dir: Path, out_dir: Path, dev: torch.device, pool, start
                   "image_size": predictor.config.data.image_size, "context_slices": predictor.config.data.context_slices},
         "aggregation": {"rule": RULE, "top_k": top_k},
         "run": {"device": str(dev), "workers": workers, "batch_size": batch_size, "lung_effnet_version": __version__,
+                "decode": decode,
                 "units_resumed": len(records) - done["units"], "units_scored": done["units"],
                 "slices_scored": done["slices"], "wall_s": round(wall, 3),
                 "series_per_min": round(done["series"] / wall * 60, 2), "slices_per_s": round(done["slices"] / wall, 2)},
@@ -260,7 +273,8 @@ def run_units(todo: list[ScoreUnit], discovery: Discovery, predictor: Predictor,
     counts, started = {"units": 0, "series": 0, "slices": 0}, time.perf_counter()
     with bar:
         for unit, prepared in prepared_units(todo, predictor.config.data, pool, workers):
-            probs = scorer(prepared.images)
+            images = finish_unit(prepared, predictor.config.data, predictor.device)
+            probs = scorer(images)
             if uids is not None:
                 prepared = pseudonymize_prepared(prepared, uids, dicom=unit.kind == DICOM)
             report = _reporter(predictor, prepared, probs, out_dir) if saliency else None
@@ -270,7 +284,7 @@ def run_units(todo: list[ScoreUnit], discovery: Discovery, predictor: Predictor,
             n = sum(1 for i in record["items"] if "probs" in i)
             counts["units"] += 1
             counts["series"] += n
-            counts["slices"] += len(prepared.images)
+            counts["slices"] += len(images)
             done_series += len(record["items"])
             bar.update(unit.n_slices)
             bar.set_postfix_str(f"{done_series}/{n_series} series, "
@@ -283,7 +297,9 @@ def _reporter(predictor: Predictor, prepared: PreparedUnit, probs: np.ndarray, o
 
     def report(entry: dict, rows: np.ndarray) -> str:
         indices = [int(r) - _item_start(prepared, entry) for r in rows]
-        return write_series_report(predictor.model, prepared.images[rows], indices, probs[rows], entry, out_dir)
+        assert prepared.images is not None  # finish_unit ran before any report
+        key_slices = prepared.images[torch.as_tensor(rows, dtype=torch.long, device=prepared.images.device)].cpu().numpy()
+        return write_series_report(predictor.model, key_slices, indices, probs[rows], entry, out_dir)
 
     return report
 

@@ -17,9 +17,10 @@ import itertools
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -215,6 +216,19 @@ def load_best_state(path: Path, device) -> dict:
     return state
 
 
+class TrainBatch(NamedTuple):
+    """A training batch on the training device: ``x`` ``(B, C, S, S)`` float32 augmented, ``y``
+    ``(B,)`` labels; ``masks`` ``(B, 1, S, S)`` and ``known`` ``(B,)`` where the lesion loss is on;
+    ``perm`` and ``lam`` for mixup (``None``, 1.0 without)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    masks: torch.Tensor | None
+    known: torch.Tensor | None
+    perm: torch.Tensor | None
+    lam: float
+
+
 class FoldTrainer:
     """Trains one fold; ``fold_dir`` holds ``last.pt`` (full state, every epoch) and ``best.pt``."""
 
@@ -297,11 +311,16 @@ class FoldTrainer:
         return True
 
     # -- the loop -----------------------------------------------------------------------------
-    def train_epoch(self) -> float:
+    def batches(self) -> Iterator[TrainBatch]:
+        """One epoch of training batches, ready for the model: the data path of ``train_epoch``
+        without the model (``benchmarks/bench_train.py`` row (d) times it alone).
+
+        Balanced (or shuffled) sampling on the CPU, the rows gathered where the fold lives (the GPU
+        when it fits there), moved to the training device, augmented there in one batched
+        resampling (``augment_batch``), mixed up when configured, NHWC when configured.
+        """
         cfg, d = self.cfg, self.data
-        self.model.train()
         order = epoch_order(d.train_y, cfg.train.class_balance, self.sample_gen)
-        total, n = 0.0, 0
         for step in range(self.steps_per_epoch):
             idx = order[step * cfg.train.batch_size:(step + 1) * cfg.train.batch_size]
             idx = idx.to(d.train_x.device)
@@ -324,21 +343,30 @@ class FoldTrainer:
                     masks, known = torch.maximum(masks, masks[perm]), known & known[perm]
             if cfg.train.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
+            yield TrainBatch(x, y, masks, known, perm, lam)
+
+    def train_epoch(self) -> float:
+        """One epoch over ``batches``: forward, loss (+ the lesion loss), backward, step. Returns
+        the mean training loss."""
+        cfg = self.cfg
+        self.model.train()
+        total, n = 0.0, 0
+        for batch in self.batches():
             with autocast_for(self.device, cfg.train.amp):
-                logits = self.model(x)
-            loss = self.loss(logits, y)
-            if perm is not None:
-                loss = lam * loss + (1.0 - lam) * self.loss(logits, y[perm])
+                logits = self.model(batch.x)
+            loss = self.loss(logits, batch.y)
+            if batch.perm is not None:
+                loss = batch.lam * loss + (1.0 - batch.lam) * self.loss(logits, batch.y[batch.perm])
             if self.lesion_head is not None:
-                assert masks is not None and known is not None  # set above, with the head
-                loss = loss + cfg.train.lesion_loss_weight * self.lesion_head.loss(masks, known)
+                assert batch.masks is not None and batch.known is not None  # set with the head
+                loss = loss + cfg.train.lesion_loss_weight * self.lesion_head.loss(batch.masks, batch.known)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             if self.scheduler is not None and cfg.train.scheduler == "cosine":
                 self.scheduler.step()
-            total += float(loss.detach()) * len(idx)
-            n += len(idx)
+            total += float(loss.detach()) * len(batch.y)
+            n += len(batch.y)
         return total / max(n, 1)
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -6,10 +6,18 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from lung_effnet.config import DataConfig
 from lung_effnet.preprocess.transforms import preprocess_sample
-from lung_effnet.preprocess.volume import VOLUME_CHUNK, context_planes, preprocess_volume
+from lung_effnet.preprocess.volume import (
+    VOLUME_CHUNK,
+    context_planes,
+    finish_volume,
+    lung_step,
+    preprocess_volume,
+    volume_boxes,
+)
 from lung_effnet.synthetic.phantom import make_phantom
 
 
@@ -41,6 +49,36 @@ def test_volume_path_equals_the_per_slice_chain(volume, image_size, context_slic
     fast = preprocess_volume(hu, "HU", cfg, spacing)
     assert fast.shape == (len(hu), 2 * context_slices + 1, image_size, image_size) and fast.dtype == np.float16
     np.testing.assert_array_equal(fast, _per_slice(hu, "HU", cfg, spacing))
+
+
+@pytest.fixture(scope="module")
+def clinical_volume():
+    """Four slices at a clinical matrix (512 px, int16 as DICOM decodes): the lungs are found on
+    every 4th row and column there (``lung_step``), as in real archives."""
+    phantom = make_phantom("benign", np.random.default_rng(4), size_px=512, n_slices=4)
+    return np.round(phantom.hu).astype(np.int16), tuple(float(s) for s in phantom.spacing[1:])
+
+
+@pytest.mark.parametrize("image_size", [96, 224])
+@pytest.mark.parametrize("crop", ["lung", "body"])
+@pytest.mark.parametrize("spacing_mm", [None, 0.9])
+def test_clinical_matrix_int16_equals_the_per_slice_chain(clinical_volume, image_size, crop, spacing_mm):
+    hu, spacing = clinical_volume
+    assert lung_step(*hu.shape[1:]) == 4
+    cfg = DataConfig(image_size=image_size, context_slices=1, crop=crop, spacing_mm=spacing_mm)
+    fast = preprocess_volume(hu, "HU", cfg, spacing)
+    np.testing.assert_array_equal(fast, _per_slice(hu.astype(np.float32), "HU", cfg, spacing))
+
+
+def test_the_scoring_device_path_equals_the_cpu_path(clinical_volume):
+    """Decode side in a worker, pixel side wherever scoring runs: the split changes nothing on the
+    CPU, and the planes cross as int16."""
+    hu, spacing = clinical_volume
+    cfg = DataConfig(image_size=96, context_slices=1, crop="lung")
+    decoded = volume_boxes(hu, "HU", cfg, spacing)
+    assert decoded.planes.dtype == torch.int16 and (decoded.boxes >= 0).all()
+    np.testing.assert_array_equal(finish_volume(decoded, cfg, "cpu").numpy(), preprocess_volume(hu, "HU", cfg, spacing))
+    assert np.array_equal(decoded.planes.numpy(), hu)  # windowing worked on copies
 
 
 @pytest.mark.parametrize("scale", [1.0, 16.0, 257.0])  # 8-bit, 12-bit and 16-bit grey

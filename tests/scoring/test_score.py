@@ -182,7 +182,7 @@ def test_slices_are_preprocessed_as_in_training(clean_run, archive, trained, rea
     import lung_effnet
     from lung_effnet.preprocess.cache import PlaneReader, load_or_preprocess
     from lung_effnet.scoring.discover import discover
-    from lung_effnet.scoring.prepare import prepare_unit
+    from lung_effnet.scoring.prepare import finish_unit, prepare_unit
     from lung_effnet.scoring.runner import SliceScorer
 
     out, _ = clean_run
@@ -192,6 +192,7 @@ def test_slices_are_preprocessed_as_in_training(clean_run, archive, trained, rea
     units = {u.files[0] if u.kind == "nifti" else u.files[0].split("/")[0]: u for u in discover(root, progress=False).units}
     for folder in ("vol/ct.nii.gz", "compressed"):
         prepared = prepare_unit(units[folder], cfg)
+        images = finish_unit(prepared, cfg, "cpu").numpy()  # the scoring process's side, on the CPU
         (item,) = prepared.items
         if folder.endswith(".nii.gz"):
             rows = [{"path": str(root / "vol" / "ct.nii.gz"), "slice_index": k} for k in range(4)]
@@ -199,7 +200,7 @@ def test_slices_are_preprocessed_as_in_training(clean_run, archive, trained, rea
             rows = [{"path": str(root / f), "slice_index": ""} for f in item.slice_files]
         reader = PlaneReader(rows, cfg.context_slices)
         expected = np.stack([load_or_preprocess(r, reader, cfg, out.parent / "train-cache")[0] for r in rows])
-        assert prepared.images.dtype == np.float16 and np.array_equal(prepared.images, expected), folder
+        assert images.dtype == np.float16 and np.array_equal(images, expected), folder
     probs = SliceScorer(predictor, 4)(expected)
     own = [s for s in read_csv(out / "slice_scores.csv") if s["path"] == "compressed"]
     np.testing.assert_allclose([[float(s[f"p_{c}"]) for c in CLASSES] for s in own], probs, atol=1e-6)
