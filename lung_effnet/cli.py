@@ -348,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     disable_telemetry()  # no usage telemetry from MLflow, in this process and those it starts (README, Privacy)
     configure_http(TrackingConfig.timeout_s, TrackingConfig.retries)  # no MLflow call waits minutes (score/report on a URI)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    if getattr(args, "quiet", False):  # -q: no progress bars, MLflow's artifact downloads included
+        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     handler = {"synth": cmd_synth, "ingest": cmd_ingest, "train": cmd_train, "pretrain": cmd_pretrain, "score": cmd_score,
                "demo": cmd_demo,
                "report": cmd_report}[args.command]

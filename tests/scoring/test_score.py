@@ -303,3 +303,20 @@ def test_bad_inputs_stop_with_one_line(trained, tmp_path):
     assert code == 2 and "--model: not found" in printed and printed.count("\n") == 1
     code, printed = _run_cli(["score", "--model", str(tmp_path / "in"), "--input", str(tmp_path / "in"), "--out", str(tmp_path / "o")])
     assert code == 2 and "not a model directory" in printed
+
+
+def test_quiet_hides_mlflow_download_bars(clean_run, archive, trained, tmp_path, monkeypatch, capsys):
+    """``-q`` means no progress bars, MLflow's "Downloading artifacts" bar for a model URI included
+    (it showed before); without ``-q`` that bar is there, so this test can tell."""
+    from lung_effnet import cli
+
+    _, uri, _ = trained
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "true")  # restored after the test
+    shown = {}
+    for flag in ("", "-q"):
+        argv = ["score", "--model", "models:/score-tiny@candidate", "--input", str(archive[0] / "vol"),
+                "--out", str(tmp_path / f"out{flag}"), "--workers", "0"]
+        assert cli.main(argv + ([flag] if flag else [])) == 0
+        shown[flag] = "Downloading artifacts" in capsys.readouterr().err
+    assert shown == {"": True, "-q": False}
