@@ -1,5 +1,7 @@
 """The preprocessing chain of ``transforms`` on a whole volume at once, without MONAI's
-per-sample bookkeeping: what scoring runs, in its decode workers.
+per-sample bookkeeping: what scoring runs, split in two. ``volume_boxes`` (in the decode workers,
+on the CPU) resamples and finds every slice's crop box; ``finish_volume`` (in the scoring process,
+on the scoring device) windows, crops, pads and resizes.
 
 ``preprocess_volume(volume, intensity, cfg, spacing)[k]`` equals
 ``preprocess_sample(context_planes(volume, k, c), intensity, cfg, None, spacing)`` as float16
@@ -165,10 +167,11 @@ class DecodedVolume:
     scoring process (``scoring.prepare``), which windows, crops and resizes it on the scoring
     device (``finish_volume``).
 
-    ``planes``: ``(Z, H, W)`` in the source scale (HU, or grey levels), int16 when the values are
-    (DICOM usually: half the bytes to hand over; a torch tensor crosses to the scoring process in
-    shared memory, not through a pipe, and holds a file descriptor there until it is freed; a unit of
-    many 2D images hands over numpy arrays instead, pickled, so as not to hold one each), else float32; resampled to ``cfg.spacing_mm`` if set.
+    ``planes``: ``(Z, H, W)`` in the source scale (HU, or grey levels), resampled to
+    ``cfg.spacing_mm`` if set; int16 when the values are (DICOM usually: half the bytes to hand
+    over), else float32. A torch tensor crosses to the scoring process in shared memory, not through
+    a pipe, and holds a file descriptor there until it is freed; a unit of many 2D images hands over
+    numpy arrays instead (pickled), so as not to hold one descriptor per image.
     ``boxes``: ``(Z, 4)`` int32 crop box ``(top, bottom, left, right)`` of sample k, end-exclusive,
     all -1 for no crop. ``scale``: grey images' divisor to the 8-bit scale (``gray_divisor``).
     """
@@ -231,8 +234,9 @@ def volume_boxes(volume: np.ndarray, intensity: str, cfg: DataConfig,
 def finish_volume(decoded: DecodedVolume, cfg: DataConfig, device: torch.device | str = "cpu") -> torch.Tensor:
     """The per-pixel side of ``preprocess_volume``, on ``device``: window each chunk of planes once
     (only where some sample's box reaches), then crop each sample's planes to its box, pad them to
-    a square and area-resize them (once per run of samples with the same box). On the CPU the values equal the per-sample MONAI chain's exactly; on a GPU
-    they differ by float rounding (the area average's summation order).
+    a square and area-resize them (once per run of samples with the same box). On the CPU the values
+    equal the per-sample MONAI chain's exactly; on a GPU they differ by float rounding (the area
+    average's summation order).
 
     Returns:
         ``(Z, 2 * cfg.context_slices + 1, S, S)`` float16 in [0, 1] on ``device``.
