@@ -106,9 +106,9 @@ class SliceScorer:
 def start_pool(workers: int, gpu_decode: bool = False) -> ProcessPoolExecutor | None:
     """The decode processes, started in the background so that their start overlaps model loading
     and the header pass; with ``gpu_decode`` each registers nvImageCodec for compressed pixel data
-    where it is installed and decodes exactly (``io.gpu_decode``). ``forkserver`` (where the OS has it) imports the worker's modules (torch,
-    pydicom; not MONAI, see ``preprocess.volume``) once, in the server, and forks each worker
-    from it; ``spawn`` would import them again in every worker, and plain ``fork`` of a process
+    where it is installed and decodes exactly (``io.gpu_decode``). ``forkserver`` (where the OS
+    has it) imports the worker's modules (torch, pydicom; not MONAI, see ``preprocess.volume``)
+    once, in the server, and forks each worker from it; ``spawn`` would import them again in every worker, and plain ``fork`` of a process
     already running torch threads can deadlock. Starting the first worker waits for the server's
     imports (~2 s), hence the thread."""
     if workers == 0:
