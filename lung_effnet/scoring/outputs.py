@@ -31,6 +31,7 @@ import numpy as np
 
 from lung_effnet.classes import CLASSES
 from lung_effnet.io.ledger import USED, Ledger, write_csv
+from lung_effnet.io.names import display_name
 from lung_effnet.io.privacy import UidPseudonyms, uid_note, warn_uid_like_paths
 from lung_effnet.scoring.aggregate import abnormality, aggregate_series
 from lung_effnet.scoring.discover import DICOM, Discovery, ScoreUnit
@@ -99,9 +100,10 @@ def _fmt(x: float) -> str:
 def prediction_rows(records: list[dict]) -> list[dict]:
     rows = []
     for item in (i for r in records for i in r["items"] if i["status"] in SCORED):
-        rows.append({"path": item["path"], "series_uid": item["series_uid"], "kind": item["kind"],
+        # paths spelled as files.csv spells them (``display_name``): one name, one spelling
+        rows.append({"path": display_name(item["path"]), "series_uid": item["series_uid"], "kind": item["kind"],
                      "n_slices": len(item["slices"]), **{f"p_{c}": _fmt(v) for c, v in zip(CLASSES, item["probs"])},
-                     "predicted": item["predicted"], "key_slice": item["key_slice"], "key_file": item["key_file"],
+                     "predicted": item["predicted"], "key_slice": item["key_slice"], "key_file": display_name(item["key_file"]),
                      "status": item["status"], "warnings": "; ".join(item["warnings"]), "report": item["report"]})
     return sorted(rows, key=lambda r: (r["path"], r["series_uid"]))
 
@@ -110,7 +112,8 @@ def slice_rows(records: list[dict]) -> list[dict]:
     rows = []
     for item in (i for r in records for i in r["items"] if i["status"] in SCORED):
         for k, file, *p, top in item["slices"]:
-            rows.append({"path": item["path"], "series_uid": item["series_uid"], "slice_index": k, "file": file,
+            rows.append({"path": display_name(item["path"]), "series_uid": item["series_uid"], "slice_index": k,
+                         "file": display_name(file),
                          **{f"p_{c}": _fmt(v) for c, v in zip(CLASSES, p)},
                          "abnormality": _fmt(float(abnormality(np.array([p]))[0])), "in_top_k": int(top)})
     return sorted(rows, key=lambda r: (r["path"], r["series_uid"], r["slice_index"]))

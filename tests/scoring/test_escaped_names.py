@@ -24,3 +24,7 @@ def test_a_non_utf8_name_and_its_escape_spelled_out_are_two_rows(tiny_model_dir,
     assert files == {"caf\\xe9.jpg": "failed", "caf\\\\xe9.jpg": "used"}
     errors = {r["path"]: r["reason"] for r in read_csv(tmp_path / "out" / "errors.csv")}
     assert errors == {"caf\\xe9.jpg": "file name is not valid UTF-8: rename it to use it"}
+    # the scored file is spelled as in files.csv in every output, not raw in some (one name, one spelling)
+    (prediction,) = read_csv(tmp_path / "out" / "predictions.csv")
+    assert prediction["path"] == prediction["key_file"] == "caf\\\\xe9.jpg"
+    assert {r["file"] for r in read_csv(tmp_path / "out" / "slice_scores.csv")} == {"caf\\\\xe9.jpg"}
