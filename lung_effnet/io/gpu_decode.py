@@ -1,4 +1,4 @@
-"""JPEG 2000 and JPEG DICOM decoded on the GPU by NVIDIA nvImageCodec, with the CPU as fallback.
+"""Lossless JPEG 2000 DICOM decoded on the GPU by NVIDIA nvImageCodec, with the CPU as fallback.
 
 JPEG 2000 decodes ~50x slower than uncompressed pixel data on a CPU core (``benchmarks/RESULTS.md``):
 in a JPEG 2000 archive decoding, not the model, sets the speed of scoring. nvImageCodec ships a
@@ -8,20 +8,17 @@ pydicom decoder plugin (``nvidia.nvimgcodec.tools.dicom.pydicom_plugin``, in the
 ``enable_gpu_decode`` registers it (``score --device cuda`` does, in every decode worker) for the
 lossless JPEG 2000 family only (``LOSSLESS_KEPT``) and then checks it: one JPEG 2000 lossless frame,
 encoded here, must decode to the same pixels through the plugin as through pydicom's CPU plugins, or
-the plugin is removed again. After that, pydicom's
-own fallback applies frame by frame: a frame the plugin fails on is decoded by the next plugin
-(the CPU ones). Without the wheel, without a GPU, or when the check fails, nothing changes: the
+the plugin is removed again. After that, pydicom's own fallback applies frame by frame: a frame
+the plugin fails on is decoded by the next plugin (the CPU ones). Without the wheel, without a GPU, or when the check fails, nothing changes: the
 CPU plugins decode, as they always do.
 """
 
 from __future__ import annotations
 
 import importlib
-import logging
+import sys
 
 import numpy as np
-
-log = logging.getLogger(__name__)
 
 NVIMGCODEC_PLUGIN = "nvidia.nvimgcodec.tools.dicom.pydicom_plugin"
 """The module of nvImageCodec's pydicom plugin (``register()``, ``unregister()``, its label)."""
@@ -70,19 +67,15 @@ training used (+-1), and JPEG is another codec than the one checked, so those st
 
 
 def keep_lossless_only(plugin, label: str) -> None:
-    """Remove ``label`` from every decoder class but ``LOSSLESS_KEPT``'s."""
-    from pydicom.pixels.decoders.base import get_decoder
-
-    for decoder_class in getattr(plugin, "SUPPORTED_DECODER_CLASSES", []):
-        decoder = get_decoder(decoder_class.UID)
-        if decoder_class.UID not in LOSSLESS_KEPT and label in decoder.available_plugins:
+    """Remove ``label`` from every decoder the plugin registered with but ``LOSSLESS_KEPT``'s (its
+    ``SUPPORTED_DECODER_CLASSES`` are pydicom's decoder instances)."""
+    for decoder in getattr(plugin, "SUPPORTED_DECODER_CLASSES", []):
+        if decoder.UID not in LOSSLESS_KEPT and label in decoder.available_plugins:
             decoder.remove_plugin(label)
 
 
 def disable_gpu_decode(plugin_module: str = NVIMGCODEC_PLUGIN) -> None:
     """Undo ``enable_gpu_decode`` in this process (where it ran, or was inherited by ``fork``)."""
-    import sys
-
     plugin = sys.modules.get(plugin_module)
     if plugin is not None:
         plugin.unregister()

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -42,6 +44,19 @@ def _one_line(done, *words: str) -> None:
     assert all(w in err[0] for w in words), err[0]
 
 
+@contextmanager
+def no_permissions(*paths: Path) -> Iterator[None]:
+    """The paths with mode 0 (unreadable to the unprivileged user), their modes restored after."""
+    modes = [p.stat().st_mode for p in paths]
+    for path in paths:
+        path.chmod(0)
+    try:
+        yield
+    finally:
+        for path, mode in zip(paths, modes):
+            path.chmod(mode)
+
+
 def test_an_unreadable_source_folder_is_one_line(jpg_data, nifti_data, unprivileged):
     run, base = unprivileged
     class_root = base / "classes"
@@ -49,16 +64,11 @@ def test_an_unreadable_source_folder_is_one_line(jpg_data, nifti_data, unprivile
     tree = base / "tree"
     shutil.copytree(nifti_data, tree)
     shutil.copy(nifti_data / "labels.csv", base / "labels.csv")
-    for folder in (class_root, tree):
-        folder.chmod(0)
-    try:
+    with no_permissions(class_root, tree):
         _one_line(run(["ingest", "-q", class_root, "--out", base / "o1"]), "classes", "permission denied")
         _one_line(run(["ingest", "-q", tree, "--labels", base / "labels.csv", "--out", base / "o2"]),
                   "tree", "permission denied")
         _one_line(run(["train", "-q", "--data", class_root, "--out", base / "o3"]), "classes", "permission denied")
-    finally:
-        for folder in (class_root, tree):
-            folder.chmod(0o755)
 
 
 def test_unreadable_labels_and_manifest_are_one_line(nifti_data, unprivileged):
@@ -69,17 +79,12 @@ def test_unreadable_labels_and_manifest_are_one_line(nifti_data, unprivileged):
     shutil.copy(nifti_data / "labels.csv", labels)
     manifest = base / "manifest.csv"
     manifest.write_text("path,label,patient_id\na.jpg,benign,p1\n")
-    for path in (labels, manifest):
-        path.chmod(0)
-    try:
+    with no_permissions(labels, manifest):
         _one_line(run(["ingest", "-q", data, "--labels", labels, "--out", base / "o1"]), "labels.csv", "permission denied")
         _one_line(run(["ingest", "-q", manifest, "--out", base / "o2"]), "manifest.csv", "permission denied")
         _one_line(run(["train", "-q", "--data", data, "--labels", labels, "--out", base / "o3"]),
                   "labels.csv", "permission denied")
         _one_line(run(["train", "-q", "--data", manifest, "--out", base / "o4"]), "manifest.csv", "permission denied")
-    finally:
-        for path in (labels, manifest):
-            path.chmod(0o644)
 
 
 # --- 5: encodings --------------------------------------------------------------------------------
