@@ -128,6 +128,12 @@ def _add_score(sub) -> None:
     p.add_argument("--input", type=Path, required=True, help="folder of DICOM / NIfTI / image files (any layout)")
     p.add_argument("--out", type=Path, required=True, help="output folder (created; reused to resume)")
     p.add_argument("--saliency", action="store_true", help="also write reports/<series>.html: Grad-CAM on the key slices")
+    p.add_argument("--dicom-out", type=Path, metavar="DIR",
+                   help="also write each scored DICOM series' result as DICOM for a PACS: DIR/<series>/SR.dcm, a "
+                        "TID 1500 structured report in the source study (class, probabilities, model, key slice), and "
+                        "with --saliency SC.dcm, the key slice's Grad-CAM overlay. These files carry the study's "
+                        "patient tags (a PACS needs them): DIR must lie outside --input and --out. NIfTI and 2D "
+                        "inputs get none (summary.json says so)")
     _add_pseudonymize_uids(p)
     p.add_argument("--batch-size", type=int, default=32, help="slices per forward pass (default: 32)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: auto (CUDA when available)")
@@ -258,7 +264,7 @@ def cmd_score(args) -> int:
     check_out_outside(args.out, args.input, "--input")
     summary = score_archive(args.model, args.input, args.out, batch_size=args.batch_size, device=args.device,
                             workers=args.workers, saliency=args.saliency, progress=not args.quiet,
-                            pseudonymize_uids=args.pseudonymize_uids)
+                            pseudonymize_uids=args.pseudonymize_uids, dicom_out=args.dicom_out)
     counts, run = summary["counts"], summary["run"]
     files = counts["files"]
     if files["total"] == 0:
@@ -274,6 +280,11 @@ def cmd_score(args) -> int:
           f"in {run['wall_s']:.1f} s ({run['slices_per_s']:.1f} slices/s, {run['series_per_min']:.1f} series/min) on {run['device']}")
     print(f"Outputs in {args.out}: predictions.csv, slice_scores.csv, files.csv, errors.csv, summary.json"
           + (", reports/" if args.saliency else ""))
+    if "dicom_out" in summary:
+        dicom = summary["dicom_out"]
+        print(f"DICOM results in {dicom['dir']} (they carry patient tags): {dicom['files_written']} file(s) for "
+              f"{dicom['series_written']} series" + "".join(f"; {n['series']} series without: {n['reason']}"
+                                                             for n in dicom["not_written"]))
     if files["used"] == 0:  # after the outputs that say why
         raise NoUsableInputError(f"none of the {files['total']} input file(s) could be scored: see {args.out / 'errors.csv'}")
     return 0

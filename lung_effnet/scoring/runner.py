@@ -35,6 +35,7 @@ from lung_effnet.io.privacy import UidPseudonyms
 from lung_effnet.models.bn_fold import inference_copy
 from lung_effnet.models.predictor import Predictor, load_model
 from lung_effnet.scoring.aggregate import TOP_K
+from lung_effnet.scoring.dicom_results import Algorithm, DicomResultWriter, add_dicom_results, dicom_summary
 from lung_effnet.scoring.discover import DICOM, Discovery, ScoreUnit, discover
 from lung_effnet.scoring.journal import RECORD_VERSION, Journal
 from lung_effnet.scoring.outputs import make_record, pseudonymize_discovery, pseudonymize_prepared, write_outputs
@@ -181,7 +182,8 @@ def resolve_device(name: str) -> torch.device:
 
 def score_archive(model: str | Path, input_dir: str | Path, out_dir: str | Path, *, batch_size: int = 32,
                   device: str = "auto", workers: int | None = None, saliency: bool = False, top_k: int = TOP_K,
-                  progress: bool = True, pseudonymize_uids: str | Path | None = None) -> dict:
+                  progress: bool = True, pseudonymize_uids: str | Path | None = None,
+                  dicom_out: str | Path | None = None) -> dict:
     """Score every series, volume and image under ``input_dir`` with a trained model; write the
     outputs (``outputs`` module docstring) to ``out_dir`` and return the summary.
 
@@ -192,6 +194,8 @@ def score_archive(model: str | Path, input_dir: str | Path, out_dir: str | Path,
         workers: decode processes; 0 decodes in this process; ``None``: ``default_workers(device)``.
         pseudonymize_uids: a key file: every Series Instance UID in the outputs (and the resume
             records, and saliency pages) becomes its keyed pseudonym (``io.privacy.UidPseudonyms``).
+        dicom_out: a folder outside ``input_dir`` and ``out_dir``: each scored DICOM series' SR (and,
+            with ``saliency``, its Grad-CAM Secondary Capture) goes there (``dicom_results``).
 
     Raises:
         FileNotFoundError: ``input_dir`` or the model does not exist.
@@ -203,20 +207,27 @@ def score_archive(model: str | Path, input_dir: str | Path, out_dir: str | Path,
         raise MissingInputError(f"--input not found: {input_dir}")
     if batch_size < 1 or top_k < 1 or (workers is not None and workers < 0):
         raise InputError(f"--batch-size and top_k must be >= 1, --workers >= 0; got {batch_size}, {top_k}, {workers}")
+    if dicom_out is not None:
+        dicom_out = Path(dicom_out).resolve()
+        for flag, folder in (("--input", input_dir), ("--out", out_dir)):
+            if dicom_out.is_relative_to(folder.resolve()) or folder.resolve().is_relative_to(dicom_out):
+                raise InputError(f"--dicom-out: {dicom_out} overlaps {flag} {folder}: the DICOM results carry patient "
+                                 f"tags and are kept apart from every other output; give a separate folder")
     dev = resolve_device(device)
     uids = UidPseudonyms.from_key_file(pseudonymize_uids) if pseudonymize_uids is not None else None
     workers = default_workers(dev) if workers is None else workers
     pool = start_pool(workers, gpu_decode=dev.type == "cuda")
     try:
         return _score(model, input_dir, out_dir, dev, pool, started, batch_size=batch_size, workers=workers,
-                      saliency=saliency, top_k=top_k, progress=progress, uids=uids)
+                      saliency=saliency, top_k=top_k, progress=progress, uids=uids, dicom_out=dicom_out)
     finally:
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _score(model, input_dir: Path, out_dir: Path, dev: torch.device, pool, started: float, *, batch_size: int,
-           workers: int, saliency: bool, top_k: int, progress: bool, uids: UidPseudonyms | None = None) -> dict:
+           workers: int, saliency: bool, top_k: int, progress: bool, uids: UidPseudonyms | None = None,
+           dicom_out: Path | None = None) -> dict:
     predictor = load_model(model, str(dev))
     decode = "pydicom (CPU)"
     if dev.type == "cuda":  # here for --workers 0 and for the record; each worker registers its own
@@ -224,9 +235,16 @@ def _score(model, input_dir: Path, out_dir: Path, dev: torch.device, pool, start
 
         decode = enable_gpu_decode()[1]
         log.info("compressed DICOM: %s", decode)
-    journal = Journal(out_dir, {"version": RECORD_VERSION, "model": model_fingerprint(predictor),
+    fingerprint = model_fingerprint(predictor)
+    journal = Journal(out_dir, {"version": RECORD_VERSION, "model": fingerprint,
                                 "rule": RULE, "top_k": top_k, "saliency": saliency,
-                                **({"uid_key": uids.fingerprint} if uids is not None else {})})
+                                **({"uid_key": uids.fingerprint} if uids is not None else {}),
+                                **({"dicom_out": str(dicom_out)} if dicom_out is not None else {})})
+    dicom = None
+    if dicom_out is not None:
+        dicom = DicomResultWriter(dicom_out, input_dir, Algorithm(
+            name=f"lung-effnet {predictor.config.model.name} ensemble of {len(getattr(predictor.model, 'members', [None]))} folds",
+            version=f"{__version__}+{fingerprint[:12]}", fingerprint=fingerprint, rule=RULE, top_k=top_k))
     # the header pass spread over the decode workers (serially it takes about as long as decoding;
     # 2 workers: 1.1 -> 0.47 ms a file); with one worker it would only add the round trips
     map_fn = partial(pool.map, chunksize=HEADER_CHUNK) if pool is not None and workers > 1 else None
@@ -240,7 +258,7 @@ def _score(model, input_dir: Path, out_dir: Path, dev: torch.device, pool, start
         torch.set_num_threads(min(threads, inference_threads(workers)))
     try:
         done = run_units(todo, discovery, predictor, journal, records, batch_size, pool, workers, saliency, top_k,
-                         out_dir, progress, uids)
+                         out_dir, progress, uids, dicom)
     finally:
         torch.set_num_threads(threads)
     wall = time.perf_counter() - started
@@ -255,13 +273,17 @@ def _score(model, input_dir: Path, out_dir: Path, dev: torch.device, pool, start
                 "slices_scored": done["slices"], "wall_s": round(wall, 3),
                 "series_per_min": round(done["series"] / wall * 60, 2), "slices_per_s": round(done["slices"] / wall, 2)},
     }
-    return write_outputs(out_dir, discovery, [records[u.key] for u in discovery.units], info, uids)
+    ordered = [records[u.key] for u in discovery.units]
+    if dicom_out is not None:
+        info["dicom_out"] = dicom_summary(ordered, dicom_out)
+    return write_outputs(out_dir, discovery, ordered, info, uids)
 
 
 def run_units(todo: list[ScoreUnit], discovery: Discovery, predictor: Predictor, journal: Journal, records: dict,
               batch_size: int, pool, workers: int, saliency: bool, top_k: int, out_dir: Path, progress: bool,
-              uids: UidPseudonyms | None = None) -> dict:
-    """Score ``todo``, journaling each unit as it finishes; returns counts for this invocation."""
+              uids: UidPseudonyms | None = None, dicom: DicomResultWriter | None = None) -> dict:
+    """Score ``todo``, journaling each unit as it finishes; returns counts for this invocation.
+    ``dicom``: writes each scored DICOM series' SR / SC before its record is journaled."""
     from tqdm.auto import tqdm
 
     scorer = SliceScorer(predictor, batch_size)
@@ -277,8 +299,11 @@ def run_units(todo: list[ScoreUnit], discovery: Discovery, predictor: Predictor,
             probs = scorer(images)
             if uids is not None:
                 prepared = pseudonymize_prepared(prepared, uids, dicom=unit.kind == DICOM)
-            report = _reporter(predictor, prepared, probs, out_dir) if saliency else None
+            key_maps: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+            report = _reporter(predictor, prepared, probs, out_dir, key_maps) if saliency else None
             record = make_record(unit, prepared, probs, top_k, report)
+            if dicom is not None and unit.kind == DICOM:
+                add_dicom_results(record, dicom, key_maps)
             journal.save(record)
             records[unit.key] = record
             n = sum(1 for i in record["items"] if "probs" in i)
@@ -292,14 +317,19 @@ def run_units(todo: list[ScoreUnit], discovery: Discovery, predictor: Predictor,
     return counts
 
 
-def _reporter(predictor: Predictor, prepared: PreparedUnit, probs: np.ndarray, out_dir: Path):
+def _reporter(predictor: Predictor, prepared: PreparedUnit, probs: np.ndarray, out_dir: Path,
+              key_maps: dict[str, tuple[np.ndarray, np.ndarray]]):
+    """The ``report`` callback of ``make_record``; it also keeps each series' key slice and its map
+    in ``key_maps`` (by series UID as recorded), for ``--dicom-out``'s overlay."""
     from lung_effnet.scoring.saliency import write_series_report
 
     def report(entry: dict, rows: np.ndarray) -> str:
         indices = [int(r) - _item_start(prepared, entry) for r in rows]
         assert prepared.images is not None  # finish_unit ran before any report
         key_slices = prepared.images[torch.as_tensor(rows, dtype=torch.long, device=prepared.images.device)].cpu().numpy()
-        return write_series_report(predictor.model, key_slices, indices, probs[rows], entry, out_dir)
+        name, key_maps[entry["series_uid"]] = write_series_report(predictor.model, key_slices, indices, probs[rows],
+                                                                   entry, out_dir)
+        return name
 
     return report
 

@@ -25,8 +25,8 @@ def report_name(series_uid: str) -> str:
 
 
 def write_series_report(model, images: np.ndarray, slice_indices: list[int], slice_probs: np.ndarray,
-                        item: dict, out_dir: Path) -> str:
-    """Explain the key slices of one series and write its page; returns its path relative to ``out_dir``.
+                        item: dict, out_dir: Path) -> tuple[str, tuple[np.ndarray, np.ndarray]]:
+    """Explain the key slices of one series and write its page.
 
     Args:
         model: the fold ensemble (``(B, C, S, S)`` in [0, 1] -> ``(B, 3)`` probabilities).
@@ -34,6 +34,10 @@ def write_series_report(model, images: np.ndarray, slice_indices: list[int], sli
         slice_indices: their slice indices in the series, most abnormal first.
         slice_probs: ``(K, 3)`` their probabilities.
         item: the series row so far (``path``, ``series_uid``, ``predicted``, ``probs``, ``slices``).
+
+    Returns:
+        The page's path relative to ``out_dir``, and ``(plane, map)`` of the most abnormal slice,
+        each ``(S, S)`` in [0, 1] (``score --dicom-out`` draws its overlay from them).
     """
     import torch
 
@@ -55,4 +59,4 @@ def write_series_report(model, images: np.ndarray, slice_indices: list[int], sli
     tmp = final.with_name(f".{final.name}.tmp")
     write_case_report(tmp, f"lung-effnet score: {item['path']}", cases, intro=intro)
     os.replace(tmp, final)
-    return name
+    return name, (planes[0], maps[0])
