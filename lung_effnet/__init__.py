@@ -24,6 +24,7 @@ _HOME = {
     "run_cv": "lung_effnet.training.cv",
     "load_model": "lung_effnet.models.predictor",
     "Predictor": "lung_effnet.models.predictor",
+    "export_bundle": "lung_effnet.models.bundle",
     "score_archive": "lung_effnet.scoring.runner",
     "load_run": "lung_effnet.explain.trained_run",
     "build_oof_report": "lung_effnet.explain.oof_report",

@@ -156,6 +156,30 @@ def _add_report(sub) -> None:
     p.add_argument("--tracking-uri", help="MLflow tracking URI for a run id (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
 
 
+def _add_export_bundle(sub) -> None:
+    p = sub.add_parser(
+        "export-bundle", parents=[_common()], help="write a trained fold ensemble as a MONAI bundle",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Write MODEL (the fold ensemble train wrote) as a MONAI bundle in --out:\n"
+                    "  configs/metadata.json   versions, input (B, C, H, W) in [0, 1], outputs (benign, malignant,\n"
+                    "                          normal probabilities), intended use (research only), training data\n"
+                    "  configs/inference.json  network_def (the ensemble), the saved preprocessing, a folder run\n"
+                    "  models/model.pt         the ensemble's state dict (model.ts too when it scripts)\n"
+                    "  docs/README.md, LICENSE\n"
+                    "Run it with MONAI alone (lung-effnet, monai, torch and fire installed):\n"
+                    "  python -m monai.bundle run --config_file OUT/configs/inference.json --bundle_root OUT \\\n"
+                    "      --dataset_dir SLICES [--output_dir RESULTS]\n"
+                    "which scores every 2D image and DICOM slice under SLICES into RESULTS/predictions.csv\n"
+                    "(path,p_benign,p_malignant,p_normal,predicted) and RESULTS/errors.csv; RESULTS defaults to OUT/eval.")
+    p.add_argument("model", metavar="MODEL", help="model folder written by train (or its output folder), or an MLflow "
+                                                  "model URI: models:/name@alias, runs:/<id>/model")
+    p.add_argument("--out", type=Path, required=True, help="bundle folder (created; an existing one must be empty or a bundle)")
+    p.add_argument("--bundle-version", default="0.1.0", help="the bundle's version in metadata.json (default: 0.1.0)")
+    p.add_argument("--authors", help="who trained the model (metadata authors and copyright; default: marked not recorded)")
+    p.add_argument("--data-source", help="what data the model was trained on, in words, no patient data (default: the "
+                                         "counts and fingerprint the train output folder records)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lung-effnet",
@@ -171,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_score(sub)
     _add_demo(sub)
     _add_report(sub)
+    _add_export_bundle(sub)
     return parser
 
 
@@ -316,6 +341,20 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_export_bundle(args) -> int:
+    from lung_effnet.models.bundle import export_bundle
+    from lung_effnet.models.predictor import is_model_uri
+
+    if not is_model_uri(args.model) and not Path(args.model).exists():
+        raise UsageError(f"MODEL: not found: {args.model}")
+    result = export_bundle(args.model, args.out, version=args.bundle_version, authors=args.authors,
+                           data_source=args.data_source)
+    print(f"wrote the MONAI bundle to {result['bundle']} ({result['torchscript'].split(':')[0]})")
+    print(f"run it: python -m monai.bundle run --config_file {result['bundle'] / 'configs' / 'inference.json'} "
+          f"--bundle_root {result['bundle']} --dataset_dir SLICES")
+    return 0
+
+
 def _check_out(out: Path | str | None) -> None:
     """``--out`` (or ``OUT``) must be a folder or not exist yet, nor lie under a file, and this
     process must be able to create it and write in it: checked before any work, so that a run
@@ -363,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     handler = {"synth": cmd_synth, "ingest": cmd_ingest, "train": cmd_train, "pretrain": cmd_pretrain, "score": cmd_score,
                "demo": cmd_demo,
-               "report": cmd_report}[args.command]
+               "report": cmd_report, "export-bundle": cmd_export_bundle}[args.command]
     try:
         _check_out(getattr(args, "out", None))
         return handler(args)

@@ -24,7 +24,7 @@ import yaml
 from torch import nn
 
 from lung_effnet.classes import CLASSES
-from lung_effnet.config import Config, from_dict
+from lung_effnet.config import Config, DataConfig, from_dict
 from lung_effnet.errors import InputError, LungEffNetError, MissingInputError
 from lung_effnet.models.factory import create_model, load_failure
 from lung_effnet.version import __version__
@@ -87,6 +87,29 @@ def save_model_dir(model_dir: Path, cfg: Config, fold_states: list[dict]) -> Pat
     return model_dir
 
 
+def preprocess_input(item, data: DataConfig) -> torch.Tensor:
+    """One input as the model sees it: ``(C, S, S)`` float32 in [0, 1] (C = ``2 * data.context_slices + 1``,
+    S = ``data.image_size``), by the training preprocessing (``preprocess.transforms.preprocess_sample``).
+
+    ``item``: a file path (a 2D image or a DICOM slice; with 2.5D models the plane is repeated as its own
+    neighbours), or an array: ``(H, W)`` / ``(C, H, W)`` in HU, or uint8 grey levels (already windowed).
+    ``Predictor.preprocess`` and the MONAI bundle's transform (``models.bundle``) both go through here.
+    """
+    from lung_effnet.io.planes import GRAY, HU, read_sample_plane
+    from lung_effnet.preprocess.transforms import preprocess_sample
+
+    if isinstance(item, (str, Path)):
+        plane, intensity = read_sample_plane(item)
+    else:
+        plane = np.asarray(item)
+        intensity = GRAY if plane.dtype == np.uint8 else HU
+    plane = plane.astype(np.float32)
+    channels = 2 * data.context_slices + 1
+    planes = plane if plane.ndim == 3 else np.repeat(plane[None], channels, axis=0)
+    image, _ = preprocess_sample(planes, intensity, data)
+    return image
+
+
 class Predictor:
     """A fold ensemble with the preprocessing it was trained with.
 
@@ -110,22 +133,7 @@ class Predictor:
         repeated as its own neighbours), or an array: ``(H, W)`` / ``(C, H, W)`` in HU, or uint8
         grey levels (already windowed images).
         """
-        from lung_effnet.io.planes import GRAY, HU, read_sample_plane
-        from lung_effnet.preprocess.transforms import preprocess_sample
-
-        channels = 2 * self.config.data.context_slices + 1
-        out = []
-        for item in inputs:
-            if isinstance(item, (str, Path)):
-                plane, intensity = read_sample_plane(item)
-            else:
-                plane = np.asarray(item)
-                intensity = GRAY if plane.dtype == np.uint8 else HU
-            plane = plane.astype(np.float32)
-            planes = plane if plane.ndim == 3 else np.repeat(plane[None], channels, axis=0)
-            image, _ = preprocess_sample(planes, intensity, self.config.data)
-            out.append(image)
-        return torch.stack(out)
+        return torch.stack([preprocess_input(item, self.config.data) for item in inputs])
 
     @torch.no_grad()
     def predict_proba(self, inputs, batch_size: int = 64) -> np.ndarray:
