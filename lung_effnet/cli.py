@@ -84,6 +84,27 @@ def _add_train(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder")
     _add_overrides_and_tracking(p)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out (same result as uninterrupted)")
+    jobs = p.add_argument_group(
+        "one fold at a time, or the folds as cluster jobs",
+        "A run's folds can train as separate jobs on one --out (a shared file system on a cluster): the first "
+        "job prepares the data, folds.csv and the MLflow parent run, the others wait for it and reuse them; "
+        "--merge then assembles the run, equal to a single-process run of the same config and seed.")
+    jobs.add_argument("--fold", type=int, metavar="K", help="train only fold K (0-based) of --out's run")
+    jobs.add_argument("--merge", action="store_true",
+                      help="assemble a run whose folds were trained by --fold jobs (refused, naming them, when folds "
+                           "are missing or were trained with another config or data)")
+    jobs.add_argument("--executor", choices=["local", "slurm"],
+                      help="submit one job per fold and a merge job through submitit: 'slurm' prints the job ids and "
+                           "returns (the merge waits for the folds with afterok); 'local' runs them as processes here "
+                           "and waits. Job logs: OUT/jobs/")
+    _add_job_resources(jobs, "fold")
+
+
+def _add_job_resources(group, job: str) -> None:
+    """``--slurm-partition``, ``--gpus-per-<job>``, ``--timeout-min``: what each cluster job gets."""
+    group.add_argument("--slurm-partition", help="SLURM partition of the jobs (default: the cluster's)")
+    group.add_argument(f"--gpus-per-{job}", type=int, default=0, help=f"GPUs per {job} job (default: 0)")
+    group.add_argument("--timeout-min", type=int, default=240, help="time limit of each job in minutes (default: 240)")
 
 
 def _add_demo(sub) -> None:
@@ -141,6 +162,30 @@ def _add_score(sub) -> None:
                    help="decode processes; 0 decodes in the main process (default: with CUDA, one per CPU "
                         "core but one, at most 8; on CPU, where the model is the slow part, 1 per 8 cores, "
                         "at least 1)")
+    shards = p.add_argument_group(
+        "sharded scoring", "Split the archive into N disjoint shards (by a stable hash of each Series Instance UID, "
+                           "or of the relative path of a volume, image or other file), score each as its own job, "
+                           "and join them with merge-scores: the result equals one unsharded run.")
+    shards.add_argument("--shard", metavar="I/N", help="score only shard I of N (0 <= I < N) into --out; "
+                                                       "then: lung-effnet merge-scores SHARD_DIRS... --out DIR")
+    shards.add_argument("--executor", choices=["local", "slurm"],
+                        help="run --shards shard jobs and a merge job through submitit: 'slurm' submits a job array and "
+                             "a merge job (afterok) and prints their ids; 'local' runs them as processes here, waits "
+                             "and merges. Shards go to OUT/shards/shard_<i>_of_<N>/, job logs to OUT/shards/jobs/, "
+                             "the merged outputs to --out")
+    shards.add_argument("--shards", type=int, metavar="N", help="number of shard jobs for --executor")
+    _add_job_resources(shards, "shard")
+
+
+def _add_merge_scores(sub) -> None:
+    p = sub.add_parser(
+        "merge-scores", parents=[_common()], help="join the shard folders of score --shard into one run's outputs",
+        description="Join the folders of 'score --shard I/N' (all N of one split) into --out: predictions.csv, "
+                    "slice_scores.csv, files.csv, errors.csv, summary.json and reports/, equal to the outputs of one "
+                    "unsharded run. Refused, naming the folders, when a shard is missing or given twice, when shards "
+                    "used different models or settings or saw different inputs, or when a series is in two shards.")
+    p.add_argument("shard_dirs", nargs="+", type=Path, metavar="SHARD_DIR", help="the --out folders of the shards")
+    p.add_argument("--out", type=Path, required=True, help="output folder of the merged run (created)")
 
 
 def _add_report(sub) -> None:
@@ -193,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_pretrain(sub)
     _add_score(sub)
+    _add_merge_scores(sub)
     _add_demo(sub)
     _add_report(sub)
     _add_export_bundle(sub)
@@ -253,9 +299,34 @@ def cmd_train(args) -> int:
     if not args.data.exists():
         raise UsageError(f"--data: not found: {args.data}")
     check_out_outside(args.out, args.data, "--data")
+    if sum([args.fold is not None, args.merge, args.executor is not None]) > 1:
+        raise UsageError("--fold, --merge and --executor: give one of them (--executor runs the folds and the merge)")
+    if args.gpus_per_fold < 0 or args.timeout_min < 1:
+        raise UsageError(f"--gpus-per-fold must be >= 0 and --timeout-min >= 1, got {args.gpus_per_fold}, {args.timeout_min}")
     cfg = load_config(args.config, args.overrides)
+    if args.executor is not None:
+        from lung_effnet.cluster import ClusterOptions
+        from lung_effnet.training.jobs import submit_cv
+
+        result = submit_cv(args.data, args.out, cfg, args.labels, args.tracking_uri, args.resume, args.executor,
+                           ClusterOptions(partition=args.slurm_partition, gpus_per_job=args.gpus_per_fold,
+                                          timeout_min=args.timeout_min, name=f"lung-effnet-{args.out.name}"))
+        jobs = ", ".join(f"fold {k}: {j}" for k, j in result["fold_jobs"].items()) or "none (all folds finished)"
+        print(f"MLflow parent run {result['parent_run_id']}; fold jobs: {jobs}; merge job: {result['merge_job']} "
+              f"(logs in {args.out / 'jobs'})")
+        if "summary" in result:
+            print_cv_summary(result["summary"], args.out)
+        return 0
     summary = run_cv(args.data, args.out, cfg, labels_csv=args.labels, tracking_uri=args.tracking_uri,
-                     resume=args.resume, progress=not args.quiet)
+                     resume=args.resume, progress=not args.quiet, fold=args.fold, merge=args.merge)
+    if not summary:  # a torchrun rank other than 0 (README, Train): rank 0 reports
+        return 0
+    if args.fold is not None:
+        left = summary["missing_folds"]
+        print(f"fold {args.fold}: {summary['n_test']} test slices, AUROC macro {summary['auroc_macro']:.3f}; "
+              + (f"folds still to train: {', '.join(map(str, left))}" if left else f"all folds done: merge with "
+                 f"lung-effnet train ... --out {args.out} --merge"))
+        return 0
     print_cv_summary(summary, args.out)
     return 0
 
@@ -276,7 +347,6 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from lung_effnet.console import format_table
     from lung_effnet.models.predictor import is_model_uri
     from lung_effnet.scoring import score_archive
 
@@ -287,32 +357,92 @@ def cmd_score(args) -> int:
     if not is_model_uri(args.model) and not Path(args.model).exists():
         raise UsageError(f"--model: not found: {args.model}")
     check_out_outside(args.out, args.input, "--input")
-    summary = score_archive(args.model, args.input, args.out, batch_size=args.batch_size, device=args.device,
-                            workers=args.workers, saliency=args.saliency, progress=not args.quiet,
-                            pseudonymize_uids=args.pseudonymize_uids, dicom_out=args.dicom_out)
+    shard = _shard_arguments(args)
+    options = {"batch_size": args.batch_size, "device": args.device, "workers": args.workers, "saliency": args.saliency,
+               "pseudonymize_uids": args.pseudonymize_uids, "dicom_out": args.dicom_out}
+    if args.executor is not None:
+        return _score_with_executor(args, options)
+    summary = score_archive(args.model, args.input, args.out, progress=not args.quiet, shard=shard, **options)
+    if shard is not None:  # empty or unusable shards are fine: merge-scores judges the whole run
+        print_score_summary(summary, args.out, args.saliency, f"Shard {shard}: series, volumes and images")
+        print(f"When all {shard.count} shards are done: lung-effnet merge-scores SHARD_DIRS... --out DIR")
+        return 0
+    if summary["counts"]["files"]["total"] == 0:
+        raise UsageError(f"--input: no files found in {args.input}")
+    return _check_scored(print_score_summary(summary, args.out, args.saliency), args.out)
+
+
+def _shard_arguments(args):
+    """``--shard`` as a ``Shard`` (or ``None``), after checking the sharding options go together."""
+    from lung_effnet.scoring.shards import Shard
+
+    if args.executor is not None and args.shard is not None:
+        raise UsageError("--shard and --executor: give one (--executor runs every shard, then the merge)")
+    if (args.executor is None) != (args.shards is None):
+        raise UsageError("--executor and --shards go together (e.g. --executor slurm --shards 8)")
+    if args.shards is not None and args.shards < 1 or args.gpus_per_shard < 0 or args.timeout_min < 1:
+        raise UsageError(f"--shards must be >= 1, --gpus-per-shard >= 0 and --timeout-min >= 1, got {args.shards}, "
+                         f"{args.gpus_per_shard} and {args.timeout_min}")
+    return None if args.shard is None else Shard.parse(args.shard)
+
+
+def _score_with_executor(args, options: dict) -> int:
+    from lung_effnet.cluster import ClusterOptions
+    from lung_effnet.scoring.plan import submit_sharded_score
+
+    cluster = ClusterOptions(partition=args.slurm_partition, gpus_per_job=args.gpus_per_shard,
+                             timeout_min=args.timeout_min, name=f"lung-effnet-score-{args.out.name}")
+    result = submit_sharded_score(args.model, args.input, args.out, args.shards, args.executor, cluster, **options)
+    print(f"shard jobs: {', '.join(result['shard_jobs'])}; merge job: {result['merge_job']} "
+          f"(shards in {args.out / 'shards'}, logs in {args.out / 'shards' / 'jobs'})")
+    if "summary" not in result:
+        print(f"The merged outputs will be in {args.out} when job {result['merge_job']} ends")
+        return 0
+    return _check_scored(print_score_summary(result["summary"], args.out, args.saliency), args.out)
+
+
+def cmd_merge_scores(args) -> int:
+    from lung_effnet.scoring.merge import merge_scores
+
+    summary = merge_scores(args.shard_dirs, args.out)
+    return _check_scored(print_score_summary(summary, args.out, (args.out / "reports").is_dir()), args.out)
+
+
+def _check_scored(summary: dict, out: Path) -> int:
+    files = summary["counts"]["files"]
+    if files["used"] == 0:  # after the outputs that say why
+        raise NoUsableInputError(f"none of the {files['total']} input file(s) could be scored: see {out / 'errors.csv'}")
+    return 0
+
+
+def print_score_summary(summary: dict, out: Path, reports: bool, title: str = "Series, volumes and images") -> dict:
+    """The lines ``score`` and ``merge-scores`` print about a finished run; returns ``summary``."""
+    from lung_effnet.console import format_table
+
     counts, run = summary["counts"], summary["run"]
     files = counts["files"]
-    if files["total"] == 0:
-        raise UsageError(f"--input: no files found in {args.input}")
     print()
     print(format_table(["series", "count"], [["scored", counts["series_scored"]], ["incomplete (scored)", counts["series_incomplete"]],
                                              ["failed", counts["series_failed"]],
                                              ["skipped (not CT)", counts["series_skipped"]]] +
-                       [[f"predicted {c}", n] for c, n in counts["predicted"].items()], "Series, volumes and images"))
+                       [[f"predicted {c}", n] for c, n in counts["predicted"].items()], title))
     print(f"\nFiles: {files['total']} in = {files['used']} used + {files['skipped']} skipped + {files['failed']} failed "
           f"(errors.csv says why)")
     print(f"This run: {run['units_scored']} unit(s) scored, {run['units_resumed']} resumed, {run['slices_scored']} slices "
           f"in {run['wall_s']:.1f} s ({run['slices_per_s']:.1f} slices/s, {run['series_per_min']:.1f} series/min) on {run['device']}")
-    print(f"Outputs in {args.out}: predictions.csv, slice_scores.csv, files.csv, errors.csv, summary.json"
-          + (", reports/" if args.saliency else ""))
+    print(f"Outputs in {out}: predictions.csv, slice_scores.csv, files.csv, errors.csv, summary.json"
+          + (", reports/" if reports else ""))
     if "dicom_out" in summary:
         dicom = summary["dicom_out"]
         print(f"DICOM results in {dicom['dir']} (they carry patient tags): {dicom['files_written']} file(s) for "
               f"{dicom['series_written']} series" + "".join(f"; {n['series']} series without: {n['reason']}"
                                                              for n in dicom["not_written"]))
-    if files["used"] == 0:  # after the outputs that say why
-        raise NoUsableInputError(f"none of the {files['total']} input file(s) could be scored: see {args.out / 'errors.csv'}")
-    return 0
+    if counts.get("series_in_training_data"):
+        log.warning("%d of the %d scored series were in the model's training data (their warnings column says "
+                    "which): their results look better than the model is and say nothing about new patients; judge "
+                    "the model by its out-of-fold figures (cv_summary.json)", counts["series_in_training_data"],
+                    counts["series_scored"])
+    return summary
 
 
 def cmd_demo(args) -> int:
@@ -359,7 +489,7 @@ def _check_out(out: Path | str | None) -> None:
     """``--out`` (or ``OUT``) must be a folder or not exist yet, nor lie under a file, and this
     process must be able to create it and write in it: checked before any work, so that a run
     does not read a whole archive to fail at its first write."""
-    if out is None:
+    if out is None or os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 alone checks and writes
         return
     out = Path(out)
     try:
@@ -401,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "quiet", False):  # -q: no progress bars, MLflow's artifact downloads included
         os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     handler = {"synth": cmd_synth, "ingest": cmd_ingest, "train": cmd_train, "pretrain": cmd_pretrain, "score": cmd_score,
-               "demo": cmd_demo,
+               "demo": cmd_demo, "merge-scores": cmd_merge_scores,
                "report": cmd_report, "export-bundle": cmd_export_bundle}[args.command]
     try:
         _check_out(getattr(args, "out", None))

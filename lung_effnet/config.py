@@ -98,6 +98,7 @@ class TrainConfig:
     amp: bool = True                       # bf16 autocast on CUDA; CPU always runs fp32
     channels_last: bool = True             # NHWC memory format on CUDA and CPU (CPU math stays fp32)
     device: str = "auto"                   # "auto", "cpu" or "cuda"
+    keep_last_checkpoint: bool = False     # keep folds/fold_k/last.pt (optimizer state, ~50 MB a b0 fold) once the run has finished
 
 
 @dataclass
@@ -252,6 +253,7 @@ RULES: dict[str, Range | OneOf | Text] = {
     "train.val_fraction": FRACTION,
     "train.amp": ANY_BOOL,
     "train.channels_last": ANY_BOOL,
+    "train.keep_last_checkpoint": ANY_BOOL,
     "train.device": OneOf(("auto", "cpu", "cuda")),
     "cv.folds": Range(2, 100),
     "cv.test_fraction": FRACTION,

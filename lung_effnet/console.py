@@ -57,15 +57,20 @@ CV_COLUMNS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc_macro", "auroc
 
 def print_cv_summary(summary: dict, out_dir: Path) -> None:
     """Per-fold metrics, the pooled out-of-fold row with 95% CIs, warnings, and where to look next."""
-    rows: list[list] = [[f"fold {f['fold']}", int(f["n"])] + [f"{f[c]:.3f}" for c in CV_COLUMNS] for f in summary["folds"]]
-    oof = summary["oof"]
-    rows.append(["out-of-fold", summary["n_samples"]] + [f"{oof[c]:.3f}" for c in CV_COLUMNS])
-    rows.append(["95% CI", ""] + [f"{oof[c + '_ci95'][0]:.2f}-{oof[c + '_ci95'][1]:.2f}" for c in CV_COLUMNS])
+    rows: list[list] = [[f"fold {f['fold']}", f"{f['n_slices']} slices"] + [f"{f[c]:.3f}" for c in CV_COLUMNS]
+                        for f in summary["folds"]]
+    levels = [("out-of-fold", "oof", "n_slices", "slices"), ("per series", "oof_series", "n_series", "series"),
+              ("per patient", "oof_patients", "n_patients", "patients")]
+    for name, key, count, unit in levels:
+        level = summary[key]
+        rows.append([name, f"{level[count]} {unit}"] + [f"{level[c]:.3f}" for c in CV_COLUMNS])
+        rows.append(["  95% CI", ""] + [f"{level[c + '_ci95'][0]:.2f}-{level[c + '_ci95'][1]:.2f}" for c in CV_COLUMNS])
     if "test" in summary:
         rows.append(["held-out test", ""] + [f"{summary['test'][c]:.3f}" for c in CV_COLUMNS])
     print()
     print(format_table(["", "n"] + [c.replace("balanced_accuracy", "bal_acc") for c in CV_COLUMNS], rows,
-                       f"Cross-validation ({summary['n_patients']} patient groups; CIs: patient bootstrap)"))
+                       f"Cross-validation ({summary['n_patients']} patients; series and patients: mean of their "
+                       f"{summary['aggregation']['top_k']} most abnormal slices, as score; CIs: patient bootstrap)"))
     for warning in summary.get("warnings", []):
         print(f"\nWARNING: {warning}")
     mlflow_info = summary.get("mlflow", {})

@@ -76,3 +76,7 @@ class OutputMismatchError(InputError):
 
 class TrackingError(ServiceError):
     """The tracking server or store cannot be used; the message is one line."""
+
+
+class JobError(ServiceError):
+    """A job submitted to the cluster (or to local processes) failed; the message names its log."""

@@ -186,19 +186,29 @@ class CVTracker:
         self.state = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
 
     def _save_state(self) -> None:
-        self.state["tracking_uri"] = self.uri
-        self.state_file.write_text(json.dumps(self.state, indent=2))
+        """Merge this process's run ids into ``state_file``, under its lock: fold jobs of one run
+        (``train --fold i``) each add their own fold's id to the same file."""
+        from lung_effnet.io.shared_files import exclusive, write_atomic
 
-    def parent(self, run_name: str, params: dict, tags: dict) -> str:
-        """The parent run id (created once; a resumed training gets the same run back)."""
+        with exclusive(self.state_file.with_name(f".{self.state_file.name}.lock"), "recording MLflow run ids"):
+            current = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
+            self.state = {**current, **self.state, "tracking_uri": self.uri}
+            write_atomic(self.state_file, json.dumps(self.state, indent=2))
+
+    def parent(self, run_name: str, params: dict, tags: dict, hold: bool = True) -> str:
+        """The parent run id (created once; a resumed training, or a fold job of the run, gets the same
+        run back, by the id recorded in ``state_file``). ``hold``: this process runs the parent (sets it
+        running, ends it on failure); a fold job only attaches its fold run to it."""
         run_id = self.state.get("parent_run_id")
         if run_id:
-            self.client.update_run(run_id, status="RUNNING")
-            self.open_runs.append(run_id)
+            if hold:
+                self.client.update_run(run_id, status="RUNNING")
+                self.open_runs.append(run_id)
             return run_id
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags={k: str(v) for k, v in tags.items()})
         run_id = run.info.run_id
-        self.open_runs.append(run_id)
+        if hold:
+            self.open_runs.append(run_id)
         self.log_params(run_id, params)
         self.state["parent_run_id"] = run_id
         self._save_state()
@@ -220,6 +230,11 @@ class CVTracker:
         if params:
             self.log_params(run.info.run_id, params)
         return run.info.run_id
+
+    def set_tags(self, run_id: str, tags: dict) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_params(self, run_id: str, params: dict) -> None:
         from mlflow.entities import Param

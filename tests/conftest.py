@@ -120,3 +120,23 @@ def unprivileged(tmp_path) -> Iterator[tuple[Callable, Path]]:
     yield run, base
     if base != tmp_path:
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch) -> Path:
+    """Stand-in ``sbatch`` and ``srun`` on PATH (no SLURM here): ``sbatch`` answers job ids from 4000
+    on and keeps each batch script submitit wrote as ``<returned folder>/sbatch_<id>.sh``."""
+    import stat
+
+    scripts = tmp_path / "slurm"
+    bin_dir = scripts / "bin"
+    bin_dir.mkdir(parents=True)
+    counter = scripts / "next_id"
+    counter.write_text("4000\n")
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\nn=$(cat {counter}); echo $((n + 1)) > {counter}\n'
+                                    f'cp "$1" {scripts}/sbatch_$n.sh\necho "Submitted batch job $n"\n')
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    for f in bin_dir.iterdir():
+        f.chmod(f.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return scripts

@@ -15,18 +15,23 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _source_copy(src: Path) -> Path:
+    """What a build reads of the checkout, copied to ``src``."""
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for name in ("lung_effnet", "configs"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    return src
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Path:
     """A fresh venv with only the wheel installed; the dependencies (torch, MONAI, ...) are borrowed
     from this interpreter's site-packages through a ``.pth`` line, which adds the folder to ``sys.path``
     without running its ``.pth`` files, so this checkout's editable install is not seen."""
     base = tmp_path_factory.mktemp("wheel")
-    src = base / "src"
-    src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, src / name)
-    for name in ("lung_effnet", "configs"):
-        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    src = _source_copy(base / "src")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(base / "dist"),
                     str(src)], check=True, cwd=base)
     wheel = next((base / "dist").glob("lung_effnet-*.whl"))
@@ -70,3 +75,15 @@ def test_installed_cli_and_named_config_work_outside_the_checkout(installed, tmp
     assert lines[1].startswith("builtin:") and lines[2] == "True"
     missing = subprocess.run([str(installed / "bin" / "python"), "-c", "import pipelines"], cwd=tmp_path, capture_output=True)
     assert missing.returncode != 0  # the stage scripts are not an installed package
+
+
+def test_the_build_prints_no_setuptools_warning_box(tmp_path):
+    """pip shows the build backend's warnings at install: setuptools' boxes (``!!`` / ``****``), such as the
+    license-table deprecation or "Package 'lung_effnet.models.weights' ... would be ignored", must not be among them."""
+    src = _source_copy(tmp_path / "src")
+    result = subprocess.run([sys.executable, "-c", "import sys; from setuptools import build_meta; build_meta.build_wheel(sys.argv[1])",
+                             str(tmp_path / "dist")], cwd=src, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    printed = result.stdout + result.stderr
+    assert "!!" not in printed and "*" * 20 not in printed, printed[-3000:]
+    assert "Deprecat" not in printed and "would be ignored" not in printed

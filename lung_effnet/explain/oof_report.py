@@ -17,7 +17,7 @@ import numpy as np
 
 from lung_effnet.classes import CLASSES
 from lung_effnet.errors import InputError
-from lung_effnet.explain.html import Case, write_case_report
+from lung_effnet.explain.html import Case, RunContext, fmt_percent, write_case_report
 from lung_effnet.explain.trained_run import TrainedRun, load_run
 
 
@@ -172,8 +172,10 @@ def _case_details(cam: np.ndarray, mask: np.ndarray) -> dict[str, str]:
 
     if not mask.any():
         return {}
-    return {"pointing game": f"{'hit' if pointing_hit(cam, mask) else 'miss'} (chance {pointing_chance(mask):.2f})",
-            "energy in lesion": f"{energy_in_lesion(cam, mask):.2f} (lesion area {mask.mean():.3f})"}
+    return {"pointing game": f"{'hit' if pointing_hit(cam, mask) else 'miss'} "
+                             f"(a random point would hit {fmt_percent(pointing_chance(mask))} of the time)",
+            "energy in lesion": f"{fmt_percent(energy_in_lesion(cam, mask))} of the map "
+                                f"(the lesion covers {fmt_percent(float(mask.mean()))} of the slice)"}
 
 
 def oof_cases(run: TrainedRun, top: int = 2, method: str = "gradcam", target_layer: str | None = None) -> list[Case]:
@@ -196,9 +198,11 @@ def oof_cases(run: TrainedRun, top: int = 2, method: str = "gradcam", target_lay
 
 
 def build_oof_report(run: TrainedRun | str | Path | None, out_dir: str | Path, method: str = "gradcam", top: int = 2,
-                     target_layer: str | None = None, max_check_cases: int = 200) -> dict:
+                     target_layer: str | None = None, max_check_cases: int = 200, summary: dict | None = None) -> dict:
     """Write ``out_dir/report.html`` and ``out_dir/checks.json`` for a finished run (a
-    ``TrainedRun``, or what ``load_run`` accepts). Returns ``{"html", "checks_json", "n_cases", "checks"}``."""
+    ``TrainedRun``, or what ``load_run`` accepts). ``summary``: the run's CV summary, whose out-of-fold
+    AUROC heads the page (default ``run.summary``, ``cv_summary.json``; ``train`` passes its summary,
+    the report being written before that file). Returns ``{"html", "checks_json", "n_cases", "checks"}``."""
     from lung_effnet.explain.gradcam import METHODS
 
     if method not in METHODS:
@@ -208,12 +212,14 @@ def build_oof_report(run: TrainedRun | str | Path | None, out_dir: str | Path, m
     cases = oof_cases(run, top, method, target_layer)
     checks = faithfulness_checks(run, method, target_layer, max_cases=max_check_cases)
     name = METHOD_NAMES[method]
-    oof = run.summary.get("oof", {})
+    summary = summary or run.summary
+    context = RunContext.from_summary(summary, checks, source="not in the run's cv_summary.json" if summary
+                                      else "the run has no cv_summary.json")
     intro = (f"{name} ({checks['target_layer']}) over out-of-fold cases of the run "
              f"{run.parent_run_id or run.folder}: the {top} most confident right and wrong cases per true class, each "
-             f"explained by the fold model that did not train on it, for its predicted class. "
-             + (f"Out-of-fold macro AUROC {oof['auroc_macro']:.3f}, accuracy {oof['accuracy']:.3f}." if "auroc_macro" in oof else ""))
-    html_path = write_case_report(out / "report.html", f"Saliency report ({name})", cases, checks, intro, name)
+             f"explained by the fold model that did not train on it, for its predicted class.")
+    html_path = write_case_report(out / "report.html", f"Saliency report ({name})", cases, checks, intro, name,
+                                  context=context)
     checks_path = out / "checks.json"
     checks_path.write_text(json.dumps(checks, indent=2, default=float) + "\n")
     return {"html": str(html_path), "checks_json": str(checks_path), "n_cases": len(cases), "checks": checks}
@@ -228,9 +234,10 @@ def report_metrics(checks: dict) -> dict[str, float]:
     return metrics
 
 
-def report_after_training(out: Path, cfg, tracker, parent_run_id: str) -> dict:
+def report_after_training(out: Path, cfg, tracker, parent_run_id: str, summary: dict | None = None) -> dict:
     """The ``train`` stage's last step: the OOF saliency report in ``out/saliency`` and the parent
-    MLflow run (artifacts ``saliency/``, metrics ``saliency_*``). The manifest is logged too
+    MLflow run (artifacts ``saliency/``, metrics ``saliency_*``). ``summary``: the CV summary about to be
+    written to ``cv_summary.json`` (its out-of-fold AUROC heads the report; without it, "not recorded"). The manifest is logged too
     (``ingest/manifest.csv``) so ``lung-effnet report --run <run id>`` can rebuild it from MLflow.
     A failure here is logged and recorded, not raised: the run's models and metrics are already saved."""
     import logging
@@ -240,7 +247,7 @@ def report_after_training(out: Path, cfg, tracker, parent_run_id: str) -> dict:
     if not cfg.report.enabled:
         return {"enabled": False}
     try:
-        result = build_oof_report(Path(out), Path(out) / "saliency", cfg.report.method, cfg.report.top)
+        result = build_oof_report(Path(out), Path(out) / "saliency", cfg.report.method, cfg.report.top, summary=summary)
     except Exception as exc:  # noqa: BLE001 - the report must not lose a finished training run
         log.error("saliency report failed (%s: %s); rebuild it with `lung-effnet report --run %s`",
                   type(exc).__name__, exc, out)

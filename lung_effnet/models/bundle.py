@@ -291,7 +291,7 @@ def _read_provenance(model: str | Path) -> dict:
     oof = oof if isinstance(oof, dict) else {}
     return {
         "trained_with": model_json.get("lung_effnet_version"),
-        "n_samples": summary.get("n_samples"), "n_patients": summary.get("n_patients"),
+        "n_slices": summary.get("n_slices"), "n_patients": summary.get("n_patients"),
         "patient_ids": summary.get("patient_ids"), "data_fingerprint": summary.get("data_fingerprint"),
         "eval_metrics": {f"oof_{k}": v for k, v in oof.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
     }
@@ -335,9 +335,9 @@ def bundle_metadata(cfg: Config, spec: dict, *, version: str, authors: str | Non
     required = {"lung-effnet": __version__}
     if _package_version("fire"):
         required["fire"] = str(_package_version("fire"))  # python -m monai.bundle parses its arguments with fire
-    recorded = (f"{provenance['n_samples']} slices of {provenance['n_patients']} patients (patient IDs "
+    recorded = (f"{provenance['n_slices']} slices of {provenance['n_patients']} patients (patient IDs "
                 f"{provenance['patient_ids']}), manifest fingerprint {provenance['data_fingerprint']}, "
-                f"{cfg.cv.folds}-fold patient-grouped cross-validation" if provenance.get("n_samples") is not None else
+                f"{cfg.cv.folds}-fold patient-grouped cross-validation" if provenance.get("n_slices") is not None else
                 "the model folder records no training-data summary (no cv_summary.json beside it)")
     return {
         "schema": SCHEMA_URL,

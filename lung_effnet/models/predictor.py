@@ -27,6 +27,7 @@ from lung_effnet.classes import CLASSES
 from lung_effnet.config import Config, DataConfig, from_dict
 from lung_effnet.errors import InputError, LungEffNetError, MissingInputError
 from lung_effnet.models.factory import create_model, load_failure
+from lung_effnet.models.training_data import TrainingOverlap
 from lung_effnet.version import __version__
 
 
@@ -116,11 +117,13 @@ class Predictor:
     Attributes:
         model: the ``FoldEnsemble`` (``nn.Module``), in eval mode.
         config: the training ``Config`` (``config.data`` is the preprocessing).
+        training_overlap: what the model was trained on (``models.training_data``), when its folder says.
     """
 
-    def __init__(self, model: nn.Module, config: Config):
+    def __init__(self, model: nn.Module, config: Config, training_overlap: TrainingOverlap | None = None):
         self.model = model.eval()
         self.config = config
+        self.training_overlap = training_overlap
 
     @property
     def device(self) -> torch.device:
@@ -186,7 +189,7 @@ def load_model_dir(model_dir: str | Path, device: str = "cpu") -> Predictor:
             raise InputError(f"{path}: {path.name} holds NaN or infinite weights (a diverged or damaged fold): "
                              "retrain it or use another model")
         members.append(member)
-    return Predictor(FoldEnsemble(members).to(device), cfg)
+    return Predictor(FoldEnsemble(members).to(device), cfg, TrainingOverlap.of_model_dir(model_dir))
 
 
 def _read_config(path: Path) -> Config:

@@ -92,7 +92,8 @@ def file_digest(path: str, size: int, mtime_ns: int) -> str:
     return h.hexdigest()
 
 
-def _digest_of(path: str) -> str:
+def digest_of(path: str) -> str:
+    """``file_digest`` of the file at ``path`` as it is now (memoised by size and modification time)."""
     st = os.stat(path)
     return file_digest(path, st.st_size, st.st_mtime_ns)
 
@@ -170,9 +171,9 @@ def cache_key(row: dict, reader: PlaneReader, cfg: DataConfig) -> str:
     parts = {
         "v": CACHE_VERSION,
         "settings": settings,
-        "files": [_digest_of(p) for p in reader.sources(row)],
+        "files": [digest_of(p) for p in reader.sources(row)],
         "slice": str(row.get("slice_index", "")),
-        "mask": _digest_of(row["mask_path"]) if row.get("mask_path") else "",
+        "mask": digest_of(row["mask_path"]) if row.get("mask_path") else "",
     }
     return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=20).hexdigest()
 

@@ -6,6 +6,9 @@ processes), ``aggregate`` (slice probabilities -> series result: the mean of the
 abnormal slices, ``aggregate`` docstring), ``journal`` (atomic per-series records for resume),
 ``outputs`` (predictions.csv, slice_scores.csv, files.csv, errors.csv, summary.json), ``saliency``
 (optional Grad-CAM pages) and ``runner`` (the loop). ``score_archive`` is the entry point.
+Sharded scoring: ``shards`` (which series and files a ``--shard i/N`` run takes), ``merge``
+(``merge-scores``: N shard folders -> the unsharded outputs), ``plan`` (the shard jobs and the
+merge as cluster jobs, ``lung_effnet.cluster``).
 """
 
 __all__ = ["score_archive", "aggregate_series", "TOP_K", "OutputMismatchError"]

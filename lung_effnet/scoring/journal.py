@@ -14,29 +14,30 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from lung_effnet.errors import OutputMismatchError
+from lung_effnet.io.shared_files import write_atomic  # noqa: F401 - also the scoring modules' import of it
 from lung_effnet.scoring.discover import ScoreUnit
 
 RECORD_VERSION = 1
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` so that ``path`` is either the old file or the whole new one, even on power loss."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def record_path(parts_dir: Path, key: str) -> Path:
+    """Where the record of the unit ``key`` lives: ``<parts>/<blake2b digest of key>.json``."""
+    return Path(parts_dir) / (hashlib.blake2b(key.encode(), digest_size=16).hexdigest() + ".json")
+
+
+def read_record(parts_dir: Path, key: str, files: list[str]) -> dict | None:
+    """The record of unit ``key`` under ``parts_dir`` (``score --shard`` outputs are merged from these),
+    or ``None`` when absent, unreadable, of another version or made from other ``files``."""
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        record = json.loads(record_path(parts_dir, key).read_text())
+    except (OSError, ValueError):
+        return None
+    if record.get("version") != RECORD_VERSION or record.get("key") != key or record.get("files") != files:
+        return None
+    return record
 
 
 class Journal:
@@ -59,17 +60,11 @@ class Journal:
             stale.unlink(missing_ok=True)
 
     def path(self, key: str) -> Path:
-        return self.dir / (hashlib.blake2b(key.encode(), digest_size=16).hexdigest() + ".json")
+        return record_path(self.dir, key)
 
     def load(self, unit: ScoreUnit) -> dict | None:
         """The record of a unit, or ``None`` when absent, unreadable or made from other files."""
-        try:
-            record = json.loads(self.path(unit.key).read_text())
-        except (OSError, ValueError):
-            return None
-        if record.get("version") != RECORD_VERSION or record.get("key") != unit.key or record.get("files") != unit.files:
-            return None
-        return record
+        return read_record(self.dir, unit.key, unit.files)
 
     def save(self, record: dict) -> None:
         write_atomic(self.path(record["key"]), json.dumps({"version": RECORD_VERSION, **record}) + "\n")

@@ -33,6 +33,7 @@ from lung_effnet.classes import CLASSES
 from lung_effnet.io.ledger import USED, Ledger, write_csv
 from lung_effnet.io.names import display_name
 from lung_effnet.io.privacy import UidPseudonyms, uid_note, warn_uid_like_paths
+from lung_effnet.models.training_data import IN_TRAINING
 from lung_effnet.scoring.aggregate import abnormality, aggregate_series
 from lung_effnet.scoring.discover import DICOM, Discovery, ScoreUnit
 from lung_effnet.scoring.journal import write_atomic
@@ -137,9 +138,10 @@ def final_ledger(discovery: Discovery, records: list[dict]) -> Ledger:
 
 
 def write_outputs(out_dir: Path, discovery: Discovery, records: list[dict], info: dict,
-                  uids: UidPseudonyms | None = None) -> dict:
+                  uids: UidPseudonyms | None = None, uid_summary: dict | None = None) -> dict:
     """Write the final files (module docstring) from all records; returns the summary. ``uids``: the
-    pseudonyms the records were made with, noted in the summary (``uid_note``)."""
+    pseudonyms the records were made with, noted in the summary (``uid_note``); ``uid_summary``:
+    that note as given instead (``merge``, which joins records made elsewhere, holds no key)."""
     predictions, slices = prediction_rows(records), slice_rows(records)
     ledger = final_ledger(discovery, records)
     if uids is not None:
@@ -155,11 +157,13 @@ def write_outputs(out_dir: Path, discovery: Discovery, records: list[dict], info
             "series_scored": len(predictions), "series_ok": status["ok"], "series_incomplete": status["incomplete"],
             "series_failed": status[SERIES_FAILED], "series_skipped": status[SERIES_SKIPPED], "slices_scored": len(slices),
             "predicted": dict(sorted(Counter(r["predicted"] for r in predictions).items())),
+            # series the model was trained on (``models.training_data``): their results mean nothing about new patients
+            "series_in_training_data": sum(IN_TRAINING in i["warnings"] for i in items if i["status"] in SCORED),
             "files": {"total": len(ledger.rows), **ledger.counts()},
             "not_used_by_reason": [{"status": s, "reason": r, "files": n} for (s, r), n in sorted(reasons.items())],
         },
         **info,
-        **uid_note(uids),
+        **(uid_note(uids) if uid_summary is None else uid_summary),
     }
     if len(ledger.rows) != discovery.n_files:  # the contract itself: never write a summary that breaks it
         raise RuntimeError(f"ledger has {len(ledger.rows)} rows for {discovery.n_files} input files")

@@ -31,15 +31,19 @@ import torch
 
 from lung_effnet.classes import CLASSES
 from lung_effnet.errors import InputError, MissingInputError
+from lung_effnet.explain.html import RunContext
 from lung_effnet.io.privacy import UidPseudonyms
 from lung_effnet.models.bn_fold import inference_copy
 from lung_effnet.models.predictor import Predictor, load_model
+from lung_effnet.models.training_data import IN_TRAINING, TrainingOverlap
 from lung_effnet.scoring.aggregate import TOP_K
 from lung_effnet.scoring.dicom_results import Algorithm, DicomResultWriter, add_dicom_results, dicom_summary
 from lung_effnet.scoring.discover import DICOM, Discovery, ScoreUnit, discover
 from lung_effnet.scoring.journal import RECORD_VERSION, Journal
 from lung_effnet.scoring.outputs import make_record, pseudonymize_discovery, pseudonymize_prepared, write_outputs
-from lung_effnet.scoring.prepare import PreparedUnit, finish_unit, init_worker, prepare_unit
+from lung_effnet.scoring.prepare import SCORED, PreparedUnit, finish_unit, init_worker, prepare_unit
+from lung_effnet.scoring.saliency import model_context
+from lung_effnet.scoring.shards import Shard, inventory_digest, select_shard, write_shard_manifest
 from lung_effnet.version import __version__
 
 log = logging.getLogger(__name__)
@@ -183,7 +187,7 @@ def resolve_device(name: str) -> torch.device:
 def score_archive(model: str | Path, input_dir: str | Path, out_dir: str | Path, *, batch_size: int = 32,
                   device: str = "auto", workers: int | None = None, saliency: bool = False, top_k: int = TOP_K,
                   progress: bool = True, pseudonymize_uids: str | Path | None = None,
-                  dicom_out: str | Path | None = None) -> dict:
+                  dicom_out: str | Path | None = None, shard: Shard | str | None = None) -> dict:
     """Score every series, volume and image under ``input_dir`` with a trained model; write the
     outputs (``outputs`` module docstring) to ``out_dir`` and return the summary.
 
@@ -196,6 +200,8 @@ def score_archive(model: str | Path, input_dir: str | Path, out_dir: str | Path,
             records, and saliency pages) becomes its keyed pseudonym (``io.privacy.UidPseudonyms``).
         dicom_out: a folder outside ``input_dir`` and ``out_dir``: each scored DICOM series' SR (and,
             with ``saliency``, its Grad-CAM Secondary Capture) goes there (``dicom_results``).
+        shard: ``Shard(i, N)`` or ``"i/N"``: score only this shard's series and files (``shards``);
+            ``merge.merge_scores`` joins the N shards' folders into the unsharded outputs.
 
     Raises:
         FileNotFoundError: ``input_dir`` or the model does not exist.
@@ -213,13 +219,14 @@ def score_archive(model: str | Path, input_dir: str | Path, out_dir: str | Path,
             if dicom_out.is_relative_to(folder.resolve()) or folder.resolve().is_relative_to(dicom_out):
                 raise InputError(f"--dicom-out: {dicom_out} overlaps {flag} {folder}: the DICOM results carry patient "
                                  f"tags and are kept apart from every other output; give a separate folder")
+    shard = Shard.parse(shard) if isinstance(shard, str) else shard
     dev = resolve_device(device)
     uids = UidPseudonyms.from_key_file(pseudonymize_uids) if pseudonymize_uids is not None else None
     workers = default_workers(dev) if workers is None else workers
     pool = start_pool(workers, gpu_decode=dev.type == "cuda")
     try:
         return _score(model, input_dir, out_dir, dev, pool, started, batch_size=batch_size, workers=workers,
-                      saliency=saliency, top_k=top_k, progress=progress, uids=uids, dicom_out=dicom_out)
+                      saliency=saliency, top_k=top_k, progress=progress, uids=uids, dicom_out=dicom_out, shard=shard)
     finally:
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
@@ -227,7 +234,7 @@ def score_archive(model: str | Path, input_dir: str | Path, out_dir: str | Path,
 
 def _score(model, input_dir: Path, out_dir: Path, dev: torch.device, pool, started: float, *, batch_size: int,
            workers: int, saliency: bool, top_k: int, progress: bool, uids: UidPseudonyms | None = None,
-           dicom_out: Path | None = None) -> dict:
+           dicom_out: Path | None = None, shard: Shard | None = None) -> dict:
     predictor = load_model(model, str(dev))
     decode = "pydicom (CPU)"
     if dev.type == "cuda":  # here for --workers 0 and for the record; each worker registers its own
@@ -239,7 +246,8 @@ def _score(model, input_dir: Path, out_dir: Path, dev: torch.device, pool, start
     journal = Journal(out_dir, {"version": RECORD_VERSION, "model": fingerprint,
                                 "rule": RULE, "top_k": top_k, "saliency": saliency,
                                 **({"uid_key": uids.fingerprint} if uids is not None else {}),
-                                **({"dicom_out": str(dicom_out)} if dicom_out is not None else {})})
+                                **({"dicom_out": str(dicom_out)} if dicom_out is not None else {}),
+                                **({"shard": shard.as_dict()} if shard is not None else {})})
     dicom = None
     if dicom_out is not None:
         dicom = DicomResultWriter(dicom_out, input_dir, Algorithm(
@@ -249,6 +257,9 @@ def _score(model, input_dir: Path, out_dir: Path, dev: torch.device, pool, start
     # 2 workers: 1.1 -> 0.47 ms a file); with one worker it would only add the round trips
     map_fn = partial(pool.map, chunksize=HEADER_CHUNK) if pool is not None and workers > 1 else None
     discovery = discover(input_dir, exclude=out_dir, group_size=batch_size, progress=progress, map_fn=map_fn)
+    if shard is not None:  # on UIDs as found: a series' shard does not depend on the pseudonym key
+        inventory, n_files_total = inventory_digest(discovery), discovery.n_files
+        discovery = select_shard(discovery, shard, group_size=batch_size)
     if uids is not None:  # before the journal is asked: records are keyed by pseudonym
         discovery = pseudonymize_discovery(discovery, uids)
     records = {u.key: r for u in discovery.units if (r := journal.load(u)) is not None}
@@ -258,7 +269,7 @@ def _score(model, input_dir: Path, out_dir: Path, dev: torch.device, pool, start
         torch.set_num_threads(min(threads, inference_threads(workers)))
     try:
         done = run_units(todo, discovery, predictor, journal, records, batch_size, pool, workers, saliency, top_k,
-                         out_dir, progress, uids, dicom)
+                         out_dir, progress, uids, dicom, model_context(model) if saliency else None)
     finally:
         torch.set_num_threads(threads)
     wall = time.perf_counter() - started
@@ -273,17 +284,24 @@ def _score(model, input_dir: Path, out_dir: Path, dev: torch.device, pool, start
                 "slices_scored": done["slices"], "wall_s": round(wall, 3),
                 "series_per_min": round(done["series"] / wall * 60, 2), "slices_per_s": round(done["slices"] / wall, 2)},
     }
+    if shard is not None:
+        info["shard"] = shard.as_dict()
     ordered = [records[u.key] for u in discovery.units]
     if dicom_out is not None:
         info["dicom_out"] = dicom_summary(ordered, dicom_out)
-    return write_outputs(out_dir, discovery, ordered, info, uids)
+    summary = write_outputs(out_dir, discovery, ordered, info, uids)
+    if shard is not None:  # last: it marks the shard finished for ``merge``
+        write_shard_manifest(out_dir, shard, discovery, inventory, n_files_total)
+    return summary
 
 
 def run_units(todo: list[ScoreUnit], discovery: Discovery, predictor: Predictor, journal: Journal, records: dict,
               batch_size: int, pool, workers: int, saliency: bool, top_k: int, out_dir: Path, progress: bool,
-              uids: UidPseudonyms | None = None, dicom: DicomResultWriter | None = None) -> dict:
+              uids: UidPseudonyms | None = None, dicom: DicomResultWriter | None = None,
+              context: RunContext | None = None) -> dict:
     """Score ``todo``, journaling each unit as it finishes; returns counts for this invocation.
-    ``dicom``: writes each scored DICOM series' SR / SC before its record is journaled."""
+    ``dicom``: writes each scored DICOM series' SR / SC before its record is journaled; ``context``:
+    what the model's train run measured, shown on each saliency page (``saliency.model_context``)."""
     from tqdm.auto import tqdm
 
     scorer = SliceScorer(predictor, batch_size)
@@ -297,10 +315,12 @@ def run_units(todo: list[ScoreUnit], discovery: Discovery, predictor: Predictor,
         for unit, prepared in prepared_units(todo, predictor.config.data, pool, workers):
             images = finish_unit(prepared, predictor.config.data, predictor.device)
             probs = scorer(images)
+            if predictor.training_overlap is not None:  # before pseudonyms: UIDs as the model saw them
+                mark_training_overlap(unit, prepared, predictor.training_overlap)
             if uids is not None:
                 prepared = pseudonymize_prepared(prepared, uids, dicom=unit.kind == DICOM)
             key_maps: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-            report = _reporter(predictor, prepared, probs, out_dir, key_maps) if saliency else None
+            report = _reporter(predictor, prepared, probs, out_dir, key_maps, context) if saliency else None
             record = make_record(unit, prepared, probs, top_k, report)
             if dicom is not None and unit.kind == DICOM:
                 add_dicom_results(record, dicom, key_maps)
@@ -317,8 +337,18 @@ def run_units(todo: list[ScoreUnit], discovery: Discovery, predictor: Predictor,
     return counts
 
 
+def mark_training_overlap(unit: ScoreUnit, prepared: PreparedUnit, overlap: TrainingOverlap) -> None:
+    """Add ``IN_TRAINING`` to the warnings of each scored series the model was trained on: a DICOM
+    series by its UID, a volume or an image by its content (``models.training_data``)."""
+    for item in (i for i in prepared.items if i.status in SCORED):
+        seen = (overlap.seen_series(item.series_uid) if unit.kind == DICOM
+                else overlap.seen_file(Path(unit.root) / item.path))
+        if seen:
+            item.warnings.append(IN_TRAINING)
+
+
 def _reporter(predictor: Predictor, prepared: PreparedUnit, probs: np.ndarray, out_dir: Path,
-              key_maps: dict[str, tuple[np.ndarray, np.ndarray]]):
+              key_maps: dict[str, tuple[np.ndarray, np.ndarray]], context: RunContext | None = None):
     """The ``report`` callback of ``make_record``; it also keeps each series' key slice and its map
     in ``key_maps`` (by series UID as recorded), for ``--dicom-out``'s overlay."""
     from lung_effnet.scoring.saliency import write_series_report
@@ -328,7 +358,7 @@ def _reporter(predictor: Predictor, prepared: PreparedUnit, probs: np.ndarray, o
         assert prepared.images is not None  # finish_unit ran before any report
         key_slices = prepared.images[torch.as_tensor(rows, dtype=torch.long, device=prepared.images.device)].cpu().numpy()
         name, key_maps[entry["series_uid"]] = write_series_report(predictor.model, key_slices, indices, probs[rows],
-                                                                   entry, out_dir)
+                                                                   entry, out_dir, context)
         return name
 
     return report

@@ -9,6 +9,12 @@ same network in train mode already separates the classes (benchmarks/RESULTS.md)
 
 The training images live as one ``(N, C, S, S)`` float16 tensor (from the cache), moved to the GPU
 once when there is room, so a step is: index a batch, augment it on the device, forward/backward.
+
+Under torchrun (``training.distributed``) a fold trains data-parallel and its global batch is the
+single process's: every rank draws the same balanced row order and the same augmentation from the
+same seeded generators, builds the whole batch, and trains on its strided share (``rank_share``);
+DDP averages the gradients. Rank 0 alone re-estimates BatchNorm, validates and writes checkpoints,
+and sends the metrics to every rank, so that all take the same early-stopping decision.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from lung_effnet.classes import CLASSES
 from lung_effnet.config import Config
 from lung_effnet.errors import ConfigError, InputError
 from lung_effnet.models.factory import load_failure
+from lung_effnet.training import distributed
 from lung_effnet.training.augment import augment_batch, mixup
 from lung_effnet.training.lesion_loss import LesionHead
 
@@ -106,6 +113,15 @@ def epoch_order(y: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tenso
     counts = class_counts(y)
     weights = (1.0 / counts.clamp(min=1))[y.cpu()]
     return torch.multinomial(weights, n, replacement=True, generator=gen)
+
+
+def rank_share(n: int, rank: int, world: int) -> slice:
+    """The rows of a global batch of ``n`` that rank ``rank`` of ``world`` trains on: every ``world``-th
+    row from row ``rank``. The shares are disjoint and together are the batch; when ``world`` does not
+    divide ``n`` they differ by one row (``FoldTrainer.train_epoch`` weights each rank's loss by its
+    share, so the averaged gradient is the whole batch's). A stride through a balanced draw
+    (``epoch_order``) is itself a balanced draw: the class balancing holds on every rank."""
+    return slice(rank, n, world)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: Config, extra: torch.nn.Module | None = None) -> torch.optim.Optimizer:
@@ -219,29 +235,57 @@ def load_best_state(path: Path, device) -> dict:
 class TrainBatch(NamedTuple):
     """A training batch on the training device: ``x`` ``(B, C, S, S)`` float32 augmented, ``y``
     ``(B,)`` labels; ``masks`` ``(B, 1, S, S)`` and ``known`` ``(B,)`` where the lesion loss is on;
-    ``perm`` and ``lam`` for mixup (``None``, 1.0 without)."""
+    for mixup ``y_mix`` ``(B,)``, the labels of the rows mixed in, and ``lam`` (``None``, 1.0 without).
+    Under torchrun, this rank's share of the global batch (``rank_share``)."""
 
     x: torch.Tensor
     y: torch.Tensor
     masks: torch.Tensor | None
     known: torch.Tensor | None
-    perm: torch.Tensor | None
+    y_mix: torch.Tensor | None
     lam: float
+
+    def share(self, rank: int, world: int) -> TrainBatch:
+        """The rows of this batch that rank ``rank`` of ``world`` trains on (``rank_share``)."""
+        rows = rank_share(len(self.y), rank, world)
+
+        def part(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[rows]
+
+        return TrainBatch(self.x[rows], self.y[rows], part(self.masks), part(self.known), part(self.y_mix), self.lam)
 
 
 class FoldTrainer:
-    """Trains one fold; ``fold_dir`` holds ``last.pt`` (full state, every epoch) and ``best.pt``."""
+    """Trains one fold; ``fold_dir`` holds ``last.pt`` (full state, every epoch) and ``best.pt``.
+
+    Under torchrun every rank builds one with the same arguments (the same model seed, data and
+    ``seed``); they train together and rank 0 alone writes ``fold_dir``.
+
+    Raises:
+        ConfigError: under torchrun, ``train.batch_size`` (the global batch) gives a rank fewer than
+            2 rows (BatchNorm needs two).
+    """
 
     def __init__(self, model: torch.nn.Module, data: FoldData, cfg: Config, fold_dir: Path, seed: int):
         self.cfg, self.fold_dir, self.seed = cfg, Path(fold_dir), seed
-        self.device = resolve_device(cfg.train.device)
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+        if self.world > 1 and cfg.train.batch_size < 2 * self.world:
+            raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is the global batch, split over {self.world} "
+                              f"processes, and each needs 2 rows at least: set it to {2 * self.world} or more")
+        self.device = distributed.rank_device(resolve_device(cfg.train.device))
         self.model = model.to(self.device)
         if cfg.train.channels_last:  # NHWC: faster convolutions on CUDA and, with oneDNN, ~2x on CPU
             # torch's stub of Module.to lacks memory_format, which Module.to accepts at run time
             self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        # what a training step calls: the model itself, or under torchrun the DDP wrapper around it
+        self.network = distributed.data_parallel(self.model, self.device) if self.world > 1 else self.model
         self.data = self._place(data)
         use_lesion_loss = cfg.train.lesion_loss_weight > 0 and data.has_masks
         self.lesion_head = LesionHead(self.model).to(self.device) if use_lesion_loss else None
+        if self.world > 1:
+            if self.lesion_head is not None:  # trained beside DDP, not in it: it starts from rank 0's weights too
+                distributed.copy_from_main(self.lesion_head.parameters())
+            torch.manual_seed(seed + self.rank)  # each rank its own dropout / drop-connect draws from here on
         self.optimizer = make_optimizer(self.model, cfg, self.lesion_head)
         self.steps_per_epoch = max(1, len(data.train_y) // cfg.train.batch_size)
         self.scheduler = make_scheduler(self.optimizer, cfg, self.steps_per_epoch)
@@ -304,7 +348,8 @@ class FoldTrainer:
             self.scheduler.load_state_dict(state["scheduler"])
         self.sample_gen.set_state(state["sample_gen"])
         self.aug_gen.set_state(state["aug_gen"])
-        torch.set_rng_state(state["torch_rng"])
+        if self.rank == 0:  # rank 0's stream (ranks > 0 keep the one they were seeded with: see __init__)
+            torch.set_rng_state(state["torch_rng"])
         for key in ("epoch", "best_score", "best_epoch", "bad_epochs", "history"):
             setattr(self, key, state[key])
         log.info("resumed %s at epoch %d", self.fold_dir.name, self.epoch)
@@ -317,7 +362,9 @@ class FoldTrainer:
 
         Balanced (or shuffled) sampling on the CPU, the rows gathered where the fold lives (the GPU
         when it fits there), moved to the training device, augmented there in one batched
-        resampling (``augment_batch``), mixed up when configured, NHWC when configured.
+        resampling (``augment_batch``), mixed up when configured, NHWC when configured. Under
+        torchrun each rank builds the whole global batch (the same draws on every rank) and yields
+        its share (``TrainBatch.share``).
         """
         cfg, d = self.cfg, self.data
         order = epoch_order(d.train_y, cfg.train.class_balance, self.sample_gen)
@@ -335,38 +382,50 @@ class FoldTrainer:
                 known = d.train_mask_known[idx].to(self.device)
             else:
                 x = augment_batch(x, cfg.augment, self.aug_gen)
-            x, perm, lam = x.float(), None, 1.0
+            x, y_mix, lam = x.float(), None, 1.0
             if cfg.augment.mixup_alpha > 0:
                 x, perm, lam = mixup(x, cfg.augment.mixup_alpha, self.aug_gen)
+                y_mix = y[perm]
                 if masks is not None:  # the blend shows both slices' lesions
                     assert known is not None  # set with masks, above
                     masks, known = torch.maximum(masks, masks[perm]), known & known[perm]
+            batch = TrainBatch(x, y, masks, known, y_mix, lam)
+            if self.world > 1:
+                batch = batch.share(self.rank, self.world)
             if cfg.train.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield TrainBatch(x, y, masks, known, perm, lam)
+                batch = batch._replace(x=batch.x.contiguous(memory_format=torch.channels_last))
+            yield batch
 
     def train_epoch(self) -> float:
         """One epoch over ``batches``: forward, loss (+ the lesion loss), backward, step. Returns
-        the mean training loss."""
+        the mean training loss (over all ranks' rows under torchrun)."""
         cfg = self.cfg
-        self.model.train()
+        self.network.train()
         total, n = 0.0, 0
         for batch in self.batches():
             with autocast_for(self.device, cfg.train.amp):
-                logits = self.model(batch.x)
+                logits = self.network(batch.x)
             loss = self.loss(logits, batch.y)
-            if batch.perm is not None:
-                loss = batch.lam * loss + (1.0 - batch.lam) * self.loss(logits, batch.y[batch.perm])
+            if batch.y_mix is not None:
+                loss = batch.lam * loss + (1.0 - batch.lam) * self.loss(logits, batch.y_mix)
             if self.lesion_head is not None:
                 assert batch.masks is not None and batch.known is not None  # set with the head
                 loss = loss + cfg.train.lesion_loss_weight * self.lesion_head.loss(batch.masks, batch.known)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if self.world > 1:  # DDP averages over ranks: a share's weight is its rows over the mean share
+                (loss * (len(batch.y) * self.world / cfg.train.batch_size)).backward()
+                if self.lesion_head is not None:
+                    distributed.average_gradients(self.lesion_head.parameters())
+            else:
+                loss.backward()
             self.optimizer.step()
             if self.scheduler is not None and cfg.train.scheduler == "cosine":
                 self.scheduler.step()
             total += float(loss.detach()) * len(batch.y)
             n += len(batch.y)
+        if self.world > 1:
+            total, rows = distributed.sum_across_ranks([total, n], self.device)
+            return total / max(rows, 1)
         return total / max(n, 1)
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -379,6 +438,13 @@ class FoldTrainer:
             rows = self.recalibration_rows.to(self.data.train_x.device)
             recalibrate_batchnorm(self.model, self.data.train_x[rows], self.cfg.train.batch_size,
                                   self.cfg.train.channels_last, self.cfg.train.amp)
+
+    def evaluate(self) -> dict:
+        """After an epoch: BatchNorm re-estimated (when the model is evaluated now, or kept), then
+        ``validate``. Rank 0's work under torchrun (``fit`` sends the result to every rank)."""
+        if len(self.data.val_y) or self.epoch + 1 == self.cfg.train.epochs:  # evaluated now, or kept as the model
+            self.recalibrate()
+        return self.validate()
 
     def validate(self) -> dict:
         from lung_effnet.training.metrics import classification_metrics
@@ -397,18 +463,22 @@ class FoldTrainer:
 
         ``on_epoch(epoch, metrics)`` is called after each epoch (MLflow logging).
         Returns ``{"best_epoch", "best_val_auroc", "epochs_run", "history"}``.
+
+        Under torchrun every rank calls it: rank 0 evaluates and sends the metrics to all, so every
+        rank takes the same early-stopping decision; rank 0 alone writes ``fold_dir``, shows progress
+        and calls ``on_epoch``; every rank ends with the best weights.
         """
         from tqdm.auto import tqdm
 
-        cfg = self.cfg.train
-        self.fold_dir.mkdir(parents=True, exist_ok=True)
+        cfg, main = self.cfg.train, self.rank == 0
+        if main:
+            self.fold_dir.mkdir(parents=True, exist_ok=True)
         self.resume()
-        bar = tqdm(total=cfg.epochs, initial=self.epoch, desc=self.fold_dir.name, unit="epoch", disable=not progress, leave=False)
+        bar = tqdm(total=cfg.epochs, initial=self.epoch, desc=self.fold_dir.name, unit="epoch",
+                   disable=not (progress and main), leave=False)
         while self.epoch < cfg.epochs and self.bad_epochs < cfg.early_stopping_patience:
             train_loss = self.train_epoch()
-            if len(self.data.val_y) or self.epoch + 1 == cfg.epochs:  # evaluated now, or kept as the model
-                self.recalibrate()
-            val = self.validate()
+            val = distributed.on_main(self.evaluate)
             # Without validation patients, the last epoch is kept (score rises with the epoch).
             score = val.get("auroc_macro", float("nan")) if val else float(self.epoch)
             score = -val["loss"] if val and not np.isfinite(score) else score
@@ -419,12 +489,14 @@ class FoldTrainer:
             self.history.append(record)
             if score > self.best_score:
                 self.best_score, self.best_epoch, self.bad_epochs = score, self.epoch, 0
-                _save_atomic(self.model.state_dict(), self.fold_dir / "best.pt")
+                if main:
+                    _save_atomic(self.model.state_dict(), self.fold_dir / "best.pt")
             else:
                 self.bad_epochs += 1
             self.epoch += 1
-            _save_atomic(self.state(), self.fold_dir / "last.pt")
-            if on_epoch is not None:
+            if main:
+                _save_atomic(self.state(), self.fold_dir / "last.pt")
+            if on_epoch is not None and main:
                 on_epoch(record["epoch"], record)
             bar.update(1)
             postfix = {"loss": f"{train_loss:.3f}"}
@@ -434,5 +506,6 @@ class FoldTrainer:
         bar.close()
         if self.lesion_head is not None:
             self.lesion_head.remove()
+        distributed.barrier()  # rank 0's best.pt is written before any rank reads it
         self.model.load_state_dict(load_best_state(self.fold_dir / "best.pt", self.device))
         return {"best_epoch": self.best_epoch, "best_val_auroc": self.best_score, "epochs_run": self.epoch, "history": self.history}

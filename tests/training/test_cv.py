@@ -17,30 +17,13 @@ from lung_effnet.config import load_config
 from lung_effnet.errors import RunExistsError, TrackingError
 from lung_effnet.synthetic.dataset import write_synthetic_dataset
 from lung_effnet.training.cv import run_cv
-
-TINY = ["data.image_size=32", "data.context_slices=0", "train.epochs=2", "train.batch_size=8", "cv.folds=3", "train.val_fraction=0.0",
-        "data.slices=all", "tracking.experiment=tiny"]
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return write_synthetic_dataset(root / "data", "nifti", n_patients=9, seed=5, size_px=48, n_slices=4, progress=False)
+from tests.training.conftest import TINY
 
 
 @pytest.fixture()
 def cache_env(tmp_path, monkeypatch):
     monkeypatch.setenv("LUNG_EFFNET_CACHE_DIR", str(tmp_path / "cache"))
     return tmp_path / "cache"
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tiny_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    cfg = load_config(None, [*TINY, f"data.cache_dir={out / 'cache'}"])
-    uri = f"sqlite:///{out / 'mlflow.db'}"
-    summary = run_cv(tiny_data, out / "train", cfg, labels_csv=tiny_data / "labels.csv", tracking_uri=uri, progress=False)
-    return out, summary, uri
 
 
 def test_outputs_have_the_documented_shape(tiny_run, read_csv):
@@ -59,7 +42,32 @@ def test_outputs_have_the_documented_shape(tiny_run, read_csv):
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
     for name in ("confusion_matrix.png", "roc_curves.png", "reliability.png"):
         assert (train / "plots" / name).stat().st_size > 1000
-    assert sorted(p.name for p in (train / "model").iterdir()) == ["config.yaml", "fold_0.pt", "fold_1.pt", "fold_2.pt", "model.json"]
+    assert sorted(p.name for p in (train / "model").iterdir()) == ["config.yaml", "fold_0.pt", "fold_1.pt", "fold_2.pt",
+                                                                   "model.json", "training_data.json"]
+    assert len(json.loads((train / "model" / "training_data.json").read_text())["files"]) == 9  # one NIfTI a patient
+    assert not list(train.glob("folds/*/last.pt")) and len(list(train.glob("folds/*/best.pt"))) == 3
+
+
+def test_summary_counts_name_their_unit_and_series_and_patients_are_scored_as_score_does(tiny_run):
+    from lung_effnet.classes import CLASSES
+    from lung_effnet.scoring.aggregate import aggregate_series
+    from lung_effnet.training.cv import aggregated
+
+    summary = json.loads((tiny_run[0] / "train" / "cv_summary.json").read_text())
+    assert (summary["n_slices"], summary["n_series"], summary["n_patients"]) == (36, 9, 9)  # a NIfTI volume is a series
+    assert summary["oof"]["n_slices"] == 36 and summary["oof_series"]["n_series"] == 9
+    assert summary["oof_patients"]["n_patients"] == 9 and summary["aggregation"]["top_k"] == 5
+    assert all("n_slices" in f and "n" not in f for f in summary["folds"])
+    for level in ("oof", "oof_series", "oof_patients"):
+        assert "n" not in summary[level] and "n_ci95" not in summary[level]  # a count has no CI
+        assert len(summary[level]["auroc_macro_ci95"]) == 2
+    # the per-series rule is score's, and a series is as severe as its most severe slice
+    y = np.array([CLASSES.index(c) for c in ("normal", "benign", "normal", "malignant", "normal")])
+    p = np.random.default_rng(0).dirichlet(np.ones(3), size=5)
+    keys = np.array(["a", "a", "b", "b", "b"])
+    labels, probs, groups = aggregated(y, p, keys, np.array(["p1", "p1", "p2", "p2", "p2"]))
+    assert [CLASSES[k] for k in labels] == ["benign", "malignant"] and groups.tolist() == ["p1", "p2"]
+    np.testing.assert_allclose(probs[1], aggregate_series(p[2:]).probs)
 
 
 def test_no_patient_in_two_folds(tiny_run, read_csv):

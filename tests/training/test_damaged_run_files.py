@@ -3,6 +3,7 @@ names the file and says to delete it to retrain that fold (no training here)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,18 +12,23 @@ import pytest
 import torch
 
 from lung_effnet.errors import InputError
-from lung_effnet.training.cv import run_fold, save_ensemble
+from lung_effnet.training.cv import FOLD_IDENTITY, run_fold, save_ensemble
 from lung_effnet.training.fold import load_best_state
+
+IDENTITY = {"config": "c", "data": "d", "folds": "f"}
 
 
 def _run(out: Path) -> SimpleNamespace:
     """The parts of a ``CVRun`` that reading a finished fold touches: 3 samples, 2 of them in fold 0."""
-    return SimpleNamespace(out=out, folds=np.array([0, 0, 1]), cfg=SimpleNamespace(seed=0, cv=SimpleNamespace(folds=1)))
+    return SimpleNamespace(out=out, folds=np.array([0, 0, 1]), cfg=SimpleNamespace(seed=0, cv=SimpleNamespace(folds=1)),
+                           identity=IDENTITY)
 
 
 def _fold_dir(tmp_path: Path) -> Path:
+    """Fold 0's folder, with the record of what it was trained under (``cv.FOLD_IDENTITY``)."""
     fold_dir = tmp_path / "folds" / "fold_0"
     fold_dir.mkdir(parents=True)
+    (fold_dir / FOLD_IDENTITY).write_text(json.dumps(IDENTITY))
     return fold_dir
 
 
@@ -43,6 +49,19 @@ def test_predictions_of_another_shape_are_refused(tmp_path):
 def test_intact_predictions_are_read_back(tmp_path):
     np.save(_fold_dir(tmp_path) / "predictions.npy", np.full((2, 3), 1 / 3))
     assert run_fold(_run(tmp_path), 0, progress=False).shape == (2, 3)
+
+
+@pytest.mark.parametrize("record", [None, b"{not json", json.dumps({**IDENTITY, "config": "other"}).encode()])
+def test_a_finished_fold_without_its_identity_or_of_another_config_is_refused(tmp_path, record):
+    fold_dir = _fold_dir(tmp_path)
+    np.save(fold_dir / "predictions.npy", np.full((2, 3), 1 / 3))
+    if record is None:
+        (fold_dir / FOLD_IDENTITY).unlink()
+    else:
+        (fold_dir / FOLD_IDENTITY).write_bytes(record)
+    with pytest.raises(InputError, match=r"fold\.json.*delete it|fold 0: (no record|trained with another config)") as info:
+        run_fold(_run(tmp_path), 0, progress=False)
+    assert "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated zip", b"not torch"])
