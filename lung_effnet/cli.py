@@ -103,7 +103,9 @@ def _add_train(sub) -> None:
 def _add_job_resources(group, job: str) -> None:
     """``--slurm-partition``, ``--gpus-per-<job>``, ``--timeout-min``: what each cluster job gets."""
     group.add_argument("--slurm-partition", help="SLURM partition of the jobs (default: the cluster's)")
-    group.add_argument(f"--gpus-per-{job}", type=int, default=0, help=f"GPUs per {job} job (default: 0)")
+    group.add_argument(f"--gpus-per-{job}", type=int, default=0, choices=(0, 1),
+                       help=f"GPUs per {job} job: 0 or 1, as a job is one process (several GPUs for one fold: run "
+                            f"train --fold K under torchrun, README 'A fold on several GPUs') (default: 0)")
     group.add_argument("--timeout-min", type=int, default=240, help="time limit of each job in minutes (default: 240)")
 
 
@@ -301,8 +303,8 @@ def cmd_train(args) -> int:
     check_out_outside(args.out, args.data, "--data")
     if sum([args.fold is not None, args.merge, args.executor is not None]) > 1:
         raise UsageError("--fold, --merge and --executor: give one of them (--executor runs the folds and the merge)")
-    if args.gpus_per_fold < 0 or args.timeout_min < 1:
-        raise UsageError(f"--gpus-per-fold must be >= 0 and --timeout-min >= 1, got {args.gpus_per_fold}, {args.timeout_min}")
+    if args.timeout_min < 1:
+        raise UsageError(f"--timeout-min must be >= 1, got {args.timeout_min}")
     cfg = load_config(args.config, args.overrides)
     if args.executor is not None:
         from lung_effnet.cluster import ClusterOptions
@@ -357,6 +359,11 @@ def cmd_score(args) -> int:
     if not is_model_uri(args.model) and not Path(args.model).exists():
         raise UsageError(f"--model: not found: {args.model}")
     check_out_outside(args.out, args.input, "--input")
+    if args.dicom_out is not None:  # before any work, whatever runs the scoring (the executor's shards too)
+        from lung_effnet.scoring.dicom_results import check_dicom_out_apart
+
+        check_dicom_out_apart(args.dicom_out, **{"--input": args.input, "--out": args.out})
+        _check_out(args.dicom_out, "--dicom-out")
     shard = _shard_arguments(args)
     options = {"batch_size": args.batch_size, "device": args.device, "workers": args.workers, "saliency": args.saliency,
                "pseudonymize_uids": args.pseudonymize_uids, "dicom_out": args.dicom_out}
@@ -380,9 +387,8 @@ def _shard_arguments(args):
         raise UsageError("--shard and --executor: give one (--executor runs every shard, then the merge)")
     if (args.executor is None) != (args.shards is None):
         raise UsageError("--executor and --shards go together (e.g. --executor slurm --shards 8)")
-    if args.shards is not None and args.shards < 1 or args.gpus_per_shard < 0 or args.timeout_min < 1:
-        raise UsageError(f"--shards must be >= 1, --gpus-per-shard >= 0 and --timeout-min >= 1, got {args.shards}, "
-                         f"{args.gpus_per_shard} and {args.timeout_min}")
+    if args.shards is not None and args.shards < 1 or args.timeout_min < 1:
+        raise UsageError(f"--shards must be >= 1 and --timeout-min >= 1, got {args.shards} and {args.timeout_min}")
     return None if args.shard is None else Shard.parse(args.shard)
 
 
@@ -485,7 +491,7 @@ def cmd_export_bundle(args) -> int:
     return 0
 
 
-def _check_out(out: Path | str | None) -> None:
+def _check_out(out: Path | str | None, flag: str = "--out") -> None:
     """``--out`` (or ``OUT``) must be a folder or not exist yet, nor lie under a file, and this
     process must be able to create it and write in it: checked before any work, so that a run
     does not read a whole archive to fail at its first write."""
@@ -496,11 +502,11 @@ def _check_out(out: Path | str | None) -> None:
         for path in (out, *out.parents):
             if path.exists():
                 if not path.is_dir():
-                    raise UsageError(f"--out: not a folder: {path}" + ("" if path == out else f" (in {out})"))
+                    raise UsageError(f"{flag}: not a folder: {path}" + ("" if path == out else f" (in {out})"))
                 break
         _try_writing(out)
     except OSError as exc:
-        raise UsageError(f"--out: cannot write to {out}: {exc.strerror or type(exc).__name__}") from None
+        raise UsageError(f"{flag}: cannot write to {out}: {exc.strerror or type(exc).__name__}") from None
 
 
 def _try_writing(out: Path) -> None:

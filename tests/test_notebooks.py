@@ -80,6 +80,7 @@ def test_cv_results_shows_its_plots_as_images_for_a_relative_run_folder(tiny, tm
     pngs = [base64.b64decode(o["data"]["image/png"]) for o in outputs if "image/png" in o.get("data", {})]
     assert len(pngs) == 3 and all(p.startswith(b"\x89PNG") and len(p) > 10_000 for p in pngs)  # ROC, confusion, reliability
     assert "<Figure" not in text  # a Figure shown as text is no plot
+    assert "IProgress" not in text  # tqdm.auto's warning in a kernel without ipywidgets
     assert "pooled OOF" in text and str(base / "demo_output" / "train") in text  # found from $PWD, not notebooks/
 
 
@@ -90,7 +91,7 @@ def test_review_saliency_opens_a_run_id_in_a_relative_store(tiny, tmp_path, monk
         "LUNG_EFFNET_RUN": parent, "MLFLOW_TRACKING_URI": "sqlite:///mlflow.db",
         "LUNG_EFFNET_CACHE_DIR": str(tiny["cache"])}, monkeypatch)
     text = _text(outputs)
-    assert parent in text and "(read from MLflow)" in text
+    assert parent in text and "(read from MLflow)" in text and "IProgress" not in text
     assert "Spearman rho(Grad-CAM, Grad-CAM++)" in text and "pointing_hit_rate" in text
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 1  # the cases figure (pyplot)
 

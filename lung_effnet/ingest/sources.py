@@ -183,7 +183,7 @@ def write_outputs(result: IngestResult, out_dir: Path, uids: UidPseudonyms | Non
 
 def ingest_class_folders(root: Path, progress: bool, exclude: Path | None = None) -> IngestResult:
     """IQ-OTH/NCCD layout: ``Bengin cases/``, ``Malignant cases/``, ``Normal cases/`` of images."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # text bars, in notebooks too (tqdm.auto needs ipywidgets there)
 
     result = IngestResult("class_folders", has_labels=True)
     ledger, rows = result.ledger, []
@@ -229,7 +229,7 @@ def _mark_used(result: IngestResult, rel) -> None:
 
 def ingest_manifest_csv(path: Path, progress: bool) -> IngestResult:
     """Validate a manifest CSV: every referenced sample is read once (decodable, hashed)."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # text bars, in notebooks too (tqdm.auto needs ipywidgets there)
 
     result = IngestResult("manifest_csv", has_labels=True)
     root = path.parent
@@ -277,7 +277,7 @@ def split_by_kind(files: list[Path]) -> tuple[list[Path], list[Path], list[Path]
 def ingest_tree(root: Path, labels: LabelTable | None, nifti_dir: Path | None, progress: bool,
                 uids: UidPseudonyms | None = None, exclude: Path | None = None) -> IngestResult:
     """Walk a tree: DICOM series (grouped by SeriesInstanceUID), NIfTI volumes, 2D images."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # text bars, in notebooks too (tqdm.auto needs ipywidgets there)
 
     result = IngestResult("tree", has_labels=labels is not None)
     ledger = result.ledger

@@ -323,7 +323,7 @@ def index_dicom_tree(root: str | Path, ledger: Ledger, files: list[Path] | None 
     Returns:
         series UID -> ``SeriesIndex``, in the order series were first met.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # text bars, in notebooks too (tqdm.auto needs ipywidgets there)
 
     root = Path(root)
     if files is None:

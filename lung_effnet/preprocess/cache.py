@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -27,6 +26,7 @@ from lung_effnet.io.images2d import is_image_2d, read_image_2d
 from lung_effnet.io.masks import lesion, read_mask_image
 from lung_effnet.io.nifti import is_nifti, read_nifti
 from lung_effnet.io.planes import GRAY, HU, read_dicom_file
+from lung_effnet.io.shared_files import temporary_beside
 from lung_effnet.preprocess.transforms import preprocess_sample
 from lung_effnet.preprocess.volume import context_planes
 
@@ -181,7 +181,7 @@ def cache_key(row: dict, reader: PlaneReader, cfg: DataConfig) -> str:
 def _store(path: Path, image: np.ndarray, mask: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write then rename: a run killed mid-write never leaves a truncated entry behind.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    fd, tmp = temporary_beside(path)
     with os.fdopen(fd, "wb") as fh:
         np.savez(fh, image=image, mask=mask)
     os.replace(tmp, path)
@@ -211,7 +211,7 @@ def build_sample_set(rows: list[dict], cfg: DataConfig, cache_dir: str | Path, p
     Raises:
         ValueError: no rows left, or a label outside ``CLASSES``.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # text bars, in notebooks too (tqdm.auto needs ipywidgets there)
 
     cache_dir = Path(cache_dir)
     selected = select_rows(rows, cfg)

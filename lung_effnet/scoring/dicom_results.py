@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from lung_effnet.classes import CLASSES
+from lung_effnet.errors import InputError
 from lung_effnet.io.names import display_name, safe_file_name
 from lung_effnet.io.privacy import uid_pseudonym
 
@@ -70,6 +71,19 @@ class Algorithm:
     fingerprint: str
     rule: str
     top_k: int
+
+
+def check_dicom_out_apart(dicom_out: str | Path, **folders: str | Path) -> Path:
+    """``dicom_out`` resolved, or ``InputError`` when it is, holds or lies in one of ``folders``
+    (``{"--input": ..., "--out": ...}``): the files there carry patient tags and stay apart from
+    every other output and from the archive."""
+    dicom_out = Path(dicom_out).resolve()
+    for flag, folder in folders.items():
+        folder = Path(folder).resolve()
+        if dicom_out.is_relative_to(folder) or folder.is_relative_to(dicom_out):
+            raise InputError(f"--dicom-out: {dicom_out} overlaps {flag} {folder}: the DICOM results carry patient "
+                             f"tags and are kept apart from every other output; give a separate folder")
+    return dicom_out
 
 
 def derived_uid(*parts: str) -> str:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from lung_effnet.errors import InputError
 from lung_effnet.io.ledger import Ledger
-from lung_effnet.scoring.dicom_results import dicom_summary
+from lung_effnet.scoring.dicom_results import check_dicom_out_apart, dicom_summary
 from lung_effnet.scoring.discover import Discovery
 from lung_effnet.scoring.journal import read_record
 from lung_effnet.scoring.outputs import write_outputs
@@ -60,13 +60,15 @@ def merge_scores(shard_dirs: list[str | Path], out_dir: str | Path) -> dict:
         raise InputError("merge-scores: no shard folders given")
     _check_complete(shards)
     _check_same_run(shards)
+    first = shards[0]["summary"]
+    dicom_dir = (check_dicom_out_apart(first["dicom_out"]["dir"], **{"--out": out_dir})  # patient tags: never in the outputs
+                 if "dicom_out" in first else None)
     discovery, records = _join(shards)
     _copy_reports(shards, records, out_dir)
-    first = shards[0]["summary"]
     info = {k: v for k, v in first.items() if k not in ("counts", "run", "shard", "dicom_out", "uids")}
     info["run"] = _merged_run([s["summary"]["run"] for s in shards])
-    if "dicom_out" in first:
-        info["dicom_out"] = dicom_summary(records, Path(first["dicom_out"]["dir"]))
+    if dicom_dir is not None:
+        info["dicom_out"] = dicom_summary(records, dicom_dir)
     info["shards"] = [{"dir": str(s["dir"]), "wall_s": s["summary"]["run"]["wall_s"]} for s in shards]
     return write_outputs(out_dir, discovery, records, info, uid_summary={"uids": first["uids"]})
 

@@ -37,7 +37,13 @@ from lung_effnet.models.bn_fold import inference_copy
 from lung_effnet.models.predictor import Predictor, load_model
 from lung_effnet.models.training_data import IN_TRAINING, TrainingOverlap
 from lung_effnet.scoring.aggregate import TOP_K
-from lung_effnet.scoring.dicom_results import Algorithm, DicomResultWriter, add_dicom_results, dicom_summary
+from lung_effnet.scoring.dicom_results import (
+    Algorithm,
+    DicomResultWriter,
+    add_dicom_results,
+    check_dicom_out_apart,
+    dicom_summary,
+)
 from lung_effnet.scoring.discover import DICOM, Discovery, ScoreUnit, discover
 from lung_effnet.scoring.journal import RECORD_VERSION, Journal
 from lung_effnet.scoring.outputs import make_record, pseudonymize_discovery, pseudonymize_prepared, write_outputs
@@ -214,11 +220,7 @@ def score_archive(model: str | Path, input_dir: str | Path, out_dir: str | Path,
     if batch_size < 1 or top_k < 1 or (workers is not None and workers < 0):
         raise InputError(f"--batch-size and top_k must be >= 1, --workers >= 0; got {batch_size}, {top_k}, {workers}")
     if dicom_out is not None:
-        dicom_out = Path(dicom_out).resolve()
-        for flag, folder in (("--input", input_dir), ("--out", out_dir)):
-            if dicom_out.is_relative_to(folder.resolve()) or folder.resolve().is_relative_to(dicom_out):
-                raise InputError(f"--dicom-out: {dicom_out} overlaps {flag} {folder}: the DICOM results carry patient "
-                                 f"tags and are kept apart from every other output; give a separate folder")
+        dicom_out = check_dicom_out_apart(dicom_out, **{"--input": input_dir, "--out": out_dir})
     shard = Shard.parse(shard) if isinstance(shard, str) else shard
     dev = resolve_device(device)
     uids = UidPseudonyms.from_key_file(pseudonymize_uids) if pseudonymize_uids is not None else None
@@ -302,7 +304,7 @@ def run_units(todo: list[ScoreUnit], discovery: Discovery, predictor: Predictor,
     """Score ``todo``, journaling each unit as it finishes; returns counts for this invocation.
     ``dicom``: writes each scored DICOM series' SR / SC before its record is journaled; ``context``:
     what the model's train run measured, shown on each saliency page (``saliency.model_context``)."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # text bars, in notebooks too (tqdm.auto needs ipywidgets there)
 
     scorer = SliceScorer(predictor, batch_size)
     total = sum(u.n_slices for u in discovery.units)
@@ -315,7 +317,7 @@ def run_units(todo: list[ScoreUnit], discovery: Discovery, predictor: Predictor,
         for unit, prepared in prepared_units(todo, predictor.config.data, pool, workers):
             images = finish_unit(prepared, predictor.config.data, predictor.device)
             probs = scorer(images)
-            if predictor.training_overlap is not None:  # before pseudonyms: UIDs as the model saw them
+            if predictor.training_overlap is not None:
                 mark_training_overlap(unit, prepared, predictor.training_overlap)
             if uids is not None:
                 prepared = pseudonymize_prepared(prepared, uids, dicom=unit.kind == DICOM)
@@ -339,9 +341,11 @@ def run_units(todo: list[ScoreUnit], discovery: Discovery, predictor: Predictor,
 
 def mark_training_overlap(unit: ScoreUnit, prepared: PreparedUnit, overlap: TrainingOverlap) -> None:
     """Add ``IN_TRAINING`` to the warnings of each scored series the model was trained on: a DICOM
-    series by its UID, a volume or an image by its content (``models.training_data``)."""
+    series by its UID as found in its headers (``unit.series``: never the pseudonym that
+    ``--pseudonymize-uids`` puts in the unit's key), a volume or an image by its content
+    (``models.training_data``)."""
     for item in (i for i in prepared.items if i.status in SCORED):
-        seen = (overlap.seen_series(item.series_uid) if unit.kind == DICOM
+        seen = (overlap.seen_series(unit.series.series_uid) if unit.kind == DICOM and unit.series is not None
                 else overlap.seen_file(Path(unit.root) / item.path))
         if seen:
             item.warnings.append(IN_TRAINING)

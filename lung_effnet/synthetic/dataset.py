@@ -99,7 +99,7 @@ def write_synthetic_dataset(
     labels = assign_labels(n_patients, dataset_rng, class_fractions)
     writer = {"dicom": _DicomWriter, "nifti": _NiftiWriter, "jpg": _JpgWriter}[fmt](
         out, compression=compression, storage=storage, phi=phi, extras=extras)
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # text bars, in notebooks too (tqdm.auto needs ipywidgets there)
 
     for i in tqdm(range(n_patients), desc=f"synthetic {fmt}", unit="patient", disable=not progress):
         phantom_ss, writer_ss = children[i + 1].spawn(2)

@@ -35,7 +35,7 @@ from lung_effnet.config import Config
 from lung_effnet.errors import InputError, ManifestError, RunExistsError
 from lung_effnet.ingest.sources import NO_PATIENT_IDS, ingest
 from lung_effnet.io.ledger import write_csv
-from lung_effnet.io.shared_files import exclusive, write_atomic
+from lung_effnet.io.shared_files import exclusive, try_lock, write_atomic
 from lung_effnet.models.predictor import FoldEnsemble, Predictor, build_member, save_model_dir
 from lung_effnet.models.training_data import write_training_data
 from lung_effnet.preprocess.cache import SampleSet, build_sample_set, default_cache_dir
@@ -155,7 +155,6 @@ def run_fold(run: CVRun, fold: int, progress: bool) -> np.ndarray:
     Under torchrun every rank calls it: all train the fold together (``FoldTrainer``); rank 0 alone
     reads a finished fold, logs to MLflow, predicts and writes, and sends its predictions to the others."""
     fold_dir = run.out / "folds" / f"fold_{fold}"
-    done = fold_dir / "predictions.npy"
     test_idx = np.flatnonzero(run.folds == fold)
     finished = distributed.on_main(lambda: finished_fold(run, fold))  # rank 0's answer: every rank takes one branch
     if finished is not None:
@@ -168,10 +167,25 @@ def run_fold(run: CVRun, fold: int, progress: bool) -> np.ndarray:
 
         load_pretrained(model, run.cfg.model.pretrained_weights, 2 * run.cfg.data.context_slices + 1)
     train_idx = np.flatnonzero((run.folds != fold) & (run.folds != TEST_FOLD))
-    trainer = FoldTrainer(model, fold_data(run.samples, train_idx, run.cfg, seed), run.cfg, fold_dir, seed)
-    if not distributed.is_main():  # a torchrun rank > 0 trains with rank 0; rank 0 logs, predicts and writes
-        trainer.fit(progress=False)
-        return distributed.from_main()
+    lock = distributed.on_main(lambda: claim_fold(run, fold))  # rank 0 holds it: no second process trains this fold
+    try:
+        trainer = FoldTrainer(model, fold_data(run.samples, train_idx, run.cfg, seed), run.cfg, fold_dir, seed)
+        if not distributed.is_main():  # a torchrun rank > 0 trains with rank 0; rank 0 logs, predicts and writes
+            trainer.fit(progress=False)
+            return distributed.from_main()
+        proba = train_and_record(run, fold, trainer, train_idx, test_idx, progress)
+    finally:
+        if distributed.is_main():
+            os.close(lock)
+    return distributed.from_main(proba)
+
+
+def train_and_record(run: CVRun, fold: int, trainer: FoldTrainer, train_idx: np.ndarray, test_idx: np.ndarray,
+                     progress: bool) -> np.ndarray:
+    """Rank 0's part of ``run_fold``: train with MLflow logging, predict the test patients, and mark
+    the fold finished (``predictions.npy``, written last)."""
+    fold_dir = run.out / "folds" / f"fold_{fold}"
+    done = fold_dir / "predictions.npy"
     fold_run = run.tracker.fold(fold, {"n_train": len(train_idx), "n_test": len(test_idx)})
     result = trainer.fit(on_epoch=lambda epoch, rec: run.tracker.log_metrics(fold_run, rec, step=epoch), progress=progress)
     proba = predict_proba(trainer.model, run.samples.images[test_idx], amp=run.cfg.train.amp)
@@ -180,13 +194,29 @@ def run_fold(run: CVRun, fold: int, progress: bool) -> np.ndarray:
                                        "best_epoch": result["best_epoch"], "epochs_run": result["epochs_run"]})
     run.tracker.log_artifacts(fold_run, [fold_dir / "best.pt"], "model")
     run.tracker.finish(fold_run)
-    write_atomic(fold_dir / FOLD_IDENTITY, json.dumps(run.identity, indent=2) + "\n")
     np.save(done.with_suffix(".tmp.npy"), proba)
     os.replace(done.with_suffix(".tmp.npy"), done)  # written last: marks the fold finished
-    return distributed.from_main(proba)
+    return proba
 
 
 FOLD_IDENTITY = "fold.json"
+
+
+def claim_fold(run: CVRun, fold: int) -> int:
+    """Before a fold trains: lock it (``InputError`` when another process is training it), refuse
+    an interrupted fold (``last.pt``) that was started under other settings, and record this run's
+    (``fold.json``) before any epoch, so a resume or a merge can tell. Returns the lock's descriptor."""
+    fold_dir = run.out / "folds" / f"fold_{fold}"
+    lock = try_lock(fold_dir / ".lock", f"fold {fold} of {run.out} is being trained by another process (a job "
+                                        f"still running?): wait for it, or stop it first")
+    try:
+        if (fold_dir / FOLD_IDENTITY).exists() or (fold_dir / "last.pt").exists():
+            check_fold_identity(run, [fold])
+        write_atomic(fold_dir / FOLD_IDENTITY, json.dumps(run.identity, indent=2) + "\n")
+    except BaseException:
+        os.close(lock)
+        raise
+    return lock
 
 
 def fold_identity_problem(run: CVRun, fold: int) -> str | None:
@@ -425,7 +455,11 @@ def open_run(source: Path, out: Path, cfg: Config, labels_csv: Path | None, trac
     identity = {"config": config_digest(cfg), "data": fingerprint,
                 "folds": hashlib.blake2b((out / "folds.csv").read_bytes(), digest_size=16).hexdigest()}
     distributed.from_main((folds, identity))
-    return CVRun(cfg, out, samples, folds, tracker, parent_id, identity), warnings
+    run = CVRun(cfg, out, samples, folds, tracker, parent_id, identity)
+    # folds started or finished by other jobs of this folder must share these settings (fold.json): refused
+    # now, naming them, not after hours of training a fold that the merge would refuse
+    check_fold_identity(run, [k for k in range(cfg.cv.folds) if (out / "folds" / f"fold_{k}" / FOLD_IDENTITY).exists()])
+    return run, warnings
 
 
 def follow_run(source: Path, out: Path, cfg: Config, labels_csv: Path | None) -> tuple[CVRun, list[str]]:

@@ -468,7 +468,7 @@ class FoldTrainer:
         rank takes the same early-stopping decision; rank 0 alone writes ``fold_dir``, shows progress
         and calls ``on_epoch``; every rank ends with the best weights.
         """
-        from tqdm.auto import tqdm
+        from tqdm import tqdm  # text bars, in notebooks too (tqdm.auto needs ipywidgets there)
 
         cfg, main = self.cfg.train, self.rank == 0
         if main:

@@ -161,3 +161,17 @@ def test_dicom_out_overlapping_other_outputs_is_refused(trained, archive, tmp_pa
                               "--workers", "0", "--dicom-out", str(inside)])
     assert code == 2 and "--dicom-out" in printed and "patient tags" in printed
     assert not inside.exists()
+
+
+def test_dicom_out_is_checked_before_any_work_whatever_runs_the_scoring(trained, archive, tmp_path):  # noqa: F811
+    """Inside --out through the shard executor (whose jobs write to --out/shards/...), or a folder that
+    cannot be written: one line, exit 2, nothing scored."""
+    out = tmp_path / "out"
+    base = ["score", "-q", "--model", str(trained[0]), "--input", str(archive[0]), "--out", str(out), "--workers", "0"]
+    code, printed = _run_cli(base + ["--executor", "local", "--shards", "2", "--dicom-out", str(out / "pacs")])
+    assert code == 2 and "--dicom-out" in printed and "patient tags" in printed and printed.count("\n") == 1
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    code, printed = _run_cli(base + ["--dicom-out", str(blocker / "pacs")])
+    assert code == 2 and "--dicom-out: not a folder" in printed and printed.count("\n") == 1
+    assert not (out / "predictions.csv").exists() and not (out / "shards").exists()

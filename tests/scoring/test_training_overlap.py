@@ -37,3 +37,13 @@ def test_series_the_model_was_trained_on_are_flagged(trained, archive, tmp_path,
     summary = json.loads((out / "summary.json").read_text())
     assert summary["counts"]["series_in_training_data"] == 2
     assert "2 of the" in printed and "training data" in printed
+    # the same with --pseudonymize-uids: the UIDs in the outputs change, what the model saw does not
+    key = tmp_path / "uid.key"
+    key.write_text("a-test-key-of-enough-characters-0123\n")
+    pseudo = tmp_path / "pseudo"
+    code, printed = _run_cli(["score", "-q", "--model", str(model), "--input", str(root), "--out", str(pseudo),
+                              "--workers", "0", "--pseudonymize-uids", str(key)])
+    assert code == 0, printed
+    rows = read_csv(pseudo / "predictions.csv")
+    assert sorted(r["path"] for r in rows if IN_TRAINING in r["warnings"]) == sorted([dicom["path"], "img/slice.jpg"])
+    assert dicom["series_uid"] not in {r["series_uid"] for r in rows}  # pseudonymized, and still recognised

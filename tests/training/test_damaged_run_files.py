@@ -80,3 +80,34 @@ def test_a_best_checkpoint_that_is_no_state_dict_is_refused(tmp_path):
     torch.save([torch.zeros(1)], best)
     with pytest.raises(InputError, match=r"best\.pt.*delete it"):
         load_best_state(best, "cpu")
+
+
+def test_a_fold_is_claimed_before_it_trains(tmp_path):
+    """``claim_fold``: an interrupted fold (``last.pt``) started under other settings, or with no record
+    of them, is refused before any epoch; a fold another process is training is refused; a new fold
+    gets this run's record first."""
+    import os
+
+    from lung_effnet.io.shared_files import try_lock
+    from lung_effnet.training.cv import claim_fold
+
+    fold_dir = tmp_path / "folds" / "fold_0"
+    fold_dir.mkdir(parents=True)
+    (fold_dir / "last.pt").write_bytes(b"interrupted")
+    with pytest.raises(InputError, match="fold 0: no record of what it was trained under"):
+        claim_fold(_run(tmp_path), 0)
+    (fold_dir / FOLD_IDENTITY).write_text(json.dumps({**IDENTITY, "config": "other"}))
+    with pytest.raises(InputError, match="fold 0: trained with another config"):
+        claim_fold(_run(tmp_path), 0)
+    (fold_dir / FOLD_IDENTITY).write_text(json.dumps(IDENTITY))
+    held = try_lock(fold_dir / ".lock", "busy")
+    try:
+        with pytest.raises(InputError, match="fold 0 of .* is being trained by another process"):
+            claim_fold(_run(tmp_path), 0)
+    finally:
+        os.close(held)
+    fresh = tmp_path / "folds" / "fold_1"
+    run = _run(tmp_path)
+    lock = claim_fold(run, 1)
+    os.close(lock)
+    assert json.loads((fresh / FOLD_IDENTITY).read_text()) == IDENTITY
