@@ -7,6 +7,7 @@ refuses to train if a patient or an identical image sits in two folds.
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from sklearn.model_selection import StratifiedGroupKFold
 from lung_effnet.classes import CLASSES
 from lung_effnet.errors import LeakageError, TooFewPatientsError
 from lung_effnet.io.ledger import write_csv
+
+log = logging.getLogger(__name__)
 
 TEST_FOLD = -1
 """Fold number of patients held out of cross-validation for a final test."""
@@ -68,7 +71,12 @@ def inner_validation_split(labels: np.ndarray, patient_ids: np.ndarray, fraction
     idx = np.arange(len(labels))
     if fraction <= 0 or len(set(patient_ids)) < 4:
         return idx, idx[:0]
-    splitter = StratifiedGroupKFold(n_splits=_n_splits_for(fraction), shuffle=True, random_state=seed)
+    n_splits = _n_splits_for(fraction)
+    if np.all(np.unique(labels, return_counts=True)[1] < n_splits):  # scikit-learn refuses to split these
+        log.warning("train.val_fraction=%g splits a fold's training rows %d ways, and no class has %d rows: trained "
+                    "without validation patients (fixed schedule, the last epoch kept)", fraction, n_splits, n_splits)
+        return idx, idx[:0]
+    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     train_idx, val_idx = next(splitter.split(idx, labels, patient_ids))
     return train_idx, val_idx
 

@@ -107,3 +107,18 @@ def test_too_few_patients_for_the_folds_is_a_clear_error():
     labels, patient_ids = _toy(4)
     with pytest.raises(ValueError, match="cv.folds=5"):
         assign_folds(labels, patient_ids, k=5, seed=0)
+
+
+def test_a_fold_too_small_for_its_validation_split_trains_without_one(caplog):
+    """``train.val_fraction=0.1`` splits 10 ways; a fold whose classes all have fewer rows used to end
+    in scikit-learn's traceback ("n_splits=10 cannot be greater than ..."): now a warning and no validation."""
+    from lung_effnet.training.splits import inner_validation_split
+
+    labels = np.repeat([0, 1, 2], 8)
+    patients = np.array([f"p{i // 2}" for i in range(24)])
+    with caplog.at_level("WARNING"):
+        train, val = inner_validation_split(labels, patients, 0.1, seed=0)
+    assert len(train) == 24 and len(val) == 0
+    assert "without validation patients" in caplog.text
+    train, val = inner_validation_split(labels, patients, 0.25, seed=0)  # 4 ways: split as before
+    assert len(val) > 0 and not set(patients[val]) & set(patients[train])
