@@ -86,7 +86,8 @@ def write_series_report(model, images: np.ndarray, slice_indices: list[int], sli
     probs = ", ".join(f"{c} {fmt_probability(p)}" for c, p in zip(CLASSES, item["probs"]))
     intro = (f"Predicted {item['predicted']} ({probs}), the mean of its {len(cases)} most abnormal slices. "
              f"Grad-CAM for '{item['predicted']}' on each of them, by the fold ensemble (the mean of its fold models' maps).")
-    title = display_name(item["path"])
+    # a series lying directly in --input has the path "."; name it so rather than by a dot
+    title = display_name(item["path"]) if item["path"] not in ("", ".") else "the --input folder itself"
     subtitle = f"Series Instance UID {item['series_uid']}" if item["series_uid"] != item["path"] else ""
     name = report_name(item["series_uid"])
     final = out_dir / name

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from lung_effnet.classes import CLASSES
-from lung_effnet.explain.html import Case, case_png, map_range
+from lung_effnet.explain.html import Case, RunContext, case_png, map_range
 from lung_effnet.scoring.saliency import model_context, write_series_report
 
 UID = "1.2.826.0.1.3680043.8.498.12345678901234567890123456789012345678901234567890123"
@@ -28,10 +28,10 @@ def _text(page: str) -> str:
     return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", body)))
 
 
-def _page(model_dir, tmp_path, context) -> str:
+def _page(model_dir, tmp_path, context, path: str = "archive/study_a/CT chest 1.25mm") -> str:
     rng = np.random.default_rng(0)
     probs = np.array([[0.00026, 0.99948, 0.00026], [0.2, 0.7, 0.1]])
-    item = {"path": "archive/study_a/CT chest 1.25mm", "series_uid": UID, "predicted": "malignant",
+    item = {"path": path, "series_uid": UID, "predicted": "malignant",
             "probs": probs.mean(0).tolist(), "slices": [[k, f"archive/study_a/CT chest 1.25mm/{k}.dcm", *p, True]
                                                         for k, p in enumerate(probs)]}
     from lung_effnet.models.predictor import load_model
@@ -91,3 +91,8 @@ def test_overlay_colours_span_the_maps_own_range(monkeypatch):
     monkeypatch.setattr(Axes, "imshow", recording)
     case_png(Case(image=np.zeros((32, 32)), cam=cam, probs=[0.1, 0.8, 0.1], predicted=CLASSES[1]))
     assert (pytest.approx(0.2), pytest.approx(0.6), "jet") in limits
+
+
+def test_a_series_directly_in_the_input_folder_is_not_titled_by_a_dot(tiny_model_dir, tmp_path):
+    page = _page(tiny_model_dir, tmp_path, RunContext(source="test"), path=".")
+    assert re.search(r"<h1>(.*?)</h1>", page).group(1) == "the --input folder itself"
