@@ -43,7 +43,7 @@ from lung_effnet.config import Config, from_dict
 from lung_effnet.errors import InputError, LungEffNetError, MissingInputError
 from lung_effnet.io.images2d import is_image_2d
 from lung_effnet.io.ledger import write_csv
-from lung_effnet.models.predictor import FoldEnsemble, build_member, load_model, preprocess_input
+from lung_effnet.models.predictor import FoldEnsemble, build_member, load_model, model_folder, preprocess_input
 from lung_effnet.version import __version__
 
 log = logging.getLogger(__name__)
@@ -283,9 +283,7 @@ def _to_torchscript(network: nn.Module, example: torch.Tensor) -> tuple[torch.ji
 def _read_provenance(model: str | Path) -> dict:
     """What the model folder records about training (``model.json``, and ``cv_summary.json`` of the
     train output folder around it): counts, fingerprint, out-of-fold metrics. Nothing per patient."""
-    folder = Path(str(model))
-    if not (folder / "model.json").is_file() and (folder / "model" / "model.json").is_file():
-        folder = folder / "model"
+    folder = model_folder(str(model))
     model_json, summary = _read_json_object(folder / "model.json"), _read_json_object(folder.parent / "cv_summary.json")
     oof = summary.get("oof")
     oof = oof if isinstance(oof, dict) else {}

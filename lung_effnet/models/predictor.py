@@ -217,6 +217,14 @@ def is_model_uri(text: str) -> bool:
     return "://" in text or text.startswith(("models:", "runs:"))
 
 
+def model_folder(path: str | Path) -> Path:
+    """The model folder that ``path`` names: ``path`` itself, or ``path/model`` when ``path`` is a
+    ``train`` output folder. Its parent is then the train run's folder (``cv_summary.json``,
+    ``saliency/``), when the model has not been moved away from it."""
+    path = Path(path)
+    return path / "model" if not (path / "config.yaml").exists() and (path / "model" / "config.yaml").exists() else path
+
+
 def load_model(path_or_uri: str | Path, device: str = "cpu") -> Predictor:
     """Load a trained fold ensemble as a ``Predictor`` from a ``train`` model folder (or its output
     folder) or an MLflow model URI (``models:/name@alias``, ``runs:/<id>/model``).
@@ -225,10 +233,8 @@ def load_model(path_or_uri: str | Path, device: str = "cpu") -> Predictor:
     ``(B, C, H, W)`` tensor the model sees, and ``.predict_proba(...)`` giving ``(B, 3)``.
     """
     text = str(path_or_uri)
-    if Path(text).is_dir() and (Path(text) / "config.yaml").exists():
-        return load_model_dir(text, device)
-    if Path(text).is_dir() and (Path(text) / "model" / "config.yaml").exists():
-        return load_model_dir(Path(text) / "model", device)  # a train output folder
+    if (folder := model_folder(text)).is_dir() and (folder / "config.yaml").exists():
+        return load_model_dir(folder, device)
     if not is_model_uri(text):
         raise MissingInputError(f"not a model directory or an MLflow model URI: {text}")
     from lung_effnet.tracking import load_logged_model

@@ -164,8 +164,6 @@ class DicomResultWriter:
                 ``key_file`` (relative to ``--input``), ``probs``, ``predicted``.
             overlay: ``(plane, cam)`` of the key slice, each ``(S, S)`` in [0, 1], for ``SC.dcm``.
         """
-        import highdicom as hd
-
         source = _source_dataset(self.input_dir / entry["key_file"])
         seed = (source.SeriesInstanceUID, self.algorithm.fingerprint, self.algorithm.rule, str(self.algorithm.top_k))
         series_uid = derived_uid(*seed, "series", str(overlay is not None))
@@ -176,7 +174,7 @@ class DicomResultWriter:
         if overlay is not None:
             sc = self._secondary_capture(source, overlay, entry["predicted"], series_uid, seed)
             written.append(self._save(sc, folder / SC_FILE))
-        sr = self._report(hd, source, entry, series_uid, seed, sc)
+        sr = self._report(source, entry, series_uid, seed, sc)
         written.append(self._save(sr, folder / SR_FILE))
         return written
 
@@ -205,7 +203,8 @@ class DicomResultWriter:
         sc.SourceImageSequence = [_image_reference(source)]
         return sc
 
-    def _report(self, hd, source, entry: dict, series_uid: str, seed: tuple, sc):
+    def _report(self, source, entry: dict, series_uid: str, seed: tuple, sc):
+        import highdicom as hd
         from pydicom.sr.codedict import codes
         from pydicom.sr.coding import Code
 

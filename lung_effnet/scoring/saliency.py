@@ -35,13 +35,13 @@ def model_context(model: str | Path) -> RunContext:
     ``cv_summary.json`` and ``saliency/checks.json``, read from the run's output folder (``model``
     itself, or the folder that holds the model folder, as ``train`` writes them). An MLflow model URI,
     a model folder moved away from its run, or an unreadable file: figures "not recorded", with why."""
-    from lung_effnet.models.predictor import is_model_uri
+    from lung_effnet.models.predictor import is_model_uri, model_folder
 
     text = str(model)
     if is_model_uri(text):
         return RunContext(source="the model was loaded from MLflow; open its train run for the figures")
-    folder = Path(text)
-    run_dir = folder if (folder / "model").is_dir() else folder.parent
+    folder = model_folder(text)
+    run_dir = folder.parent
     if not (run_dir / "cv_summary.json").is_file():
         return RunContext(source=f"no cv_summary.json beside the model folder {folder}")
     try:
