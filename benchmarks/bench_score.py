@@ -10,13 +10,19 @@ same files with a warm page cache (best of ``--repeats``, the methods alternatin
 - project: ``lung_effnet.scoring.score_archive`` end to end (worker start, header pass, decode and
            preprocessing in ``--workers`` processes, batched inference, journal, output files);
 - data path: the project without the model: header pass, decode and crop boxes in ``--workers``
-           processes (``prepared_units``), windowing, crop and resize in this process on
-           ``--device`` (``finish_unit``), the images dropped: what the data path can feed a model
-           (the pool started before the clock: this row and the next time the flow, not the start);
+           processes (``prepared_units``; this process takes a share whenever it would wait for
+           them, as ``score`` does: ``scoring.helping``), windowing, crop and resize in this
+           process on ``--device`` (``finish_unit``), the images dropped: what the data path can
+           feed a model (the pool started before the clock: this row and the next time the flow,
+           not the start);
 - decode side: the data path without windowing, crop and resize (``finish_unit``): the part that
-           stays on the CPU when a GPU does those, so the data path's ceiling there;
+           stays on the CPU when a GPU does those, so the data path's ceiling there (this process
+           idles otherwise, so it decodes about half the slices on 1 worker);
 - raw decode: ``pydicom.dcmread(f).pixel_array`` for every file in ``--workers`` processes, no
-           model: the ceiling the data path can reach.
+           model: the ceiling the data path can reach (the issue's yardstick: same worker count);
+- raw decode, one more process: the same in ``--workers`` + 1 processes, as many as the project
+           runs (its scoring process decodes too when it would wait): the ratio against this row
+           says what the project makes of the same cores.
 
 Prints series/min and slices/s for each, project / naive (target >= 3 on CPU) and project / raw
 decode (target >= 0.8 on a GPU); data path / raw decode says how much of that the data path
@@ -107,23 +113,14 @@ def started_pool(workers: int, device: str):
     return pool
 
 
-def header_map(pool, workers: int):
-    """The header pass as ``score_archive`` runs it: spread over the workers when there are 2+."""
-    from functools import partial
-
-    from lung_effnet.scoring.runner import HEADER_CHUNK
-
-    return partial(pool.map, chunksize=HEADER_CHUNK) if pool is not None and workers > 1 else None
-
-
 def decode_side(cfg, root: Path, pool, workers: int) -> int:
     """The data path's CPU part: header pass, decode and crop boxes in the workers, handed over;
     what stays on the CPU when a GPU windows, crops and resizes."""
     from lung_effnet.scoring.discover import discover
-    from lung_effnet.scoring.runner import prepared_units
+    from lung_effnet.scoring.runner import header_map, prepared_units
 
     units = discover(root, progress=False, map_fn=header_map(pool, workers)).units
-    return sum(sum(len(v) for v in prepared.volumes) for _, prepared in prepared_units(units, cfg, pool, workers))
+    return sum(sum(len(v) for v in prepared.volumes) for _, prepared in prepared_units(units, cfg, pool, workers, finish=False))
 
 
 def data_path(cfg, root: Path, pool, workers: int, device: str) -> int:
@@ -133,10 +130,11 @@ def data_path(cfg, root: Path, pool, workers: int, device: str) -> int:
 
     from lung_effnet.scoring.discover import discover
     from lung_effnet.scoring.prepare import finish_unit
-    from lung_effnet.scoring.runner import prepared_units
+    from lung_effnet.scoring.runner import header_map, prepared_units
 
     units = discover(root, progress=False, map_fn=header_map(pool, workers)).units
-    n = sum(len(finish_unit(prepared, cfg, device)) for _, prepared in prepared_units(units, cfg, pool, workers))
+    n = sum(len(finish_unit(prepared, cfg, device))
+            for _, prepared in prepared_units(units, cfg, pool, workers, finish=device == "cpu"))
     if device == "cuda":
         torch.cuda.synchronize()
     return n
@@ -251,7 +249,8 @@ def main() -> None:
         methods = {"project": lambda: project(model_dir, work / "archive", work / "out", args.device, args.workers, args.batch_size),
                    "data path": lambda: data_path(cfg, work / "archive", pool, args.workers, args.device),
                    "decode side": lambda: decode_side(cfg, work / "archive", pool, args.workers),
-                   "raw decode": lambda: raw_decode(folders, args.workers)}
+                   "raw decode": lambda: raw_decode(folders, args.workers),
+                   "raw decode +1": lambda: raw_decode(folders, args.workers + 1)}
         if not args.skip_naive:
             methods = {"naive": lambda: naive(model_dir, folders, args.device), **methods}
         best = {name: float("inf") for name in methods}
@@ -266,7 +265,8 @@ def main() -> None:
                   "project": f"project (score_archive, {args.workers} workers, batch {args.batch_size})",
                   "data path": f"data path (project without the model, {args.workers} workers)",
                   "decode side": "  its decode side (header pass, decode, crop boxes)",
-                  "raw decode": f"raw pydicom decode ({args.workers} processes, no model)"}
+                  "raw decode": f"raw pydicom decode ({args.workers} processes, no model)",
+                  "raw decode +1": f"raw pydicom decode ({args.workers + 1} processes, no model)"}
         rows = [[labels[k], f"{args.series / t * 60:.1f}", f"{n / t:.1f}", f"{t:.1f}"] for k, t in best.items()]
         device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
         if args.device == "cuda":
@@ -280,6 +280,8 @@ def main() -> None:
             print(f"project / naive loop:  {best['naive'] / best['project']:.2f}x  (target >= 3 on CPU)")
         print(f"project / raw decode:  {best['raw decode'] / best['project']:.2f}  (target >= 0.8 on a GPU)")
         print(f"data path / raw decode:  {best['raw decode'] / best['data path']:.2f}  (target >= 0.8: what the data path allows a model)")
+        print(f"data path / raw decode in {args.workers + 1} processes:  {best['raw decode +1'] / best['data path']:.2f}  "
+              f"(the same cores as the project's workers and scoring process)")
         print(f"decode side / raw decode:  {best['raw decode'] / best['decode side']:.2f}  (the data path's ceiling when "
               f"windowing, crop and resize run on a GPU)")
     finally:

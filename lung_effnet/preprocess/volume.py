@@ -1,7 +1,7 @@
 """The preprocessing chain of ``transforms`` on a whole volume at once, without MONAI's
 per-sample bookkeeping: what scoring runs, split in two. ``volume_boxes`` (in the decode workers,
-on the CPU) resamples and finds every slice's crop box; ``finish_volume`` (in the scoring process,
-on the scoring device) windows, crops, pads and resizes.
+on the CPU) resamples and finds every slice's crop box; ``finish_volume`` (on a GPU in the scoring
+process; on a CPU run in the workers too) windows, crops, pads and resizes.
 
 ``preprocess_volume(volume, intensity, cfg, spacing)[k]`` equals
 ``preprocess_sample(context_planes(volume, k, c), intensity, cfg, None, spacing)`` as float16
@@ -231,37 +231,43 @@ def volume_boxes(volume: np.ndarray, intensity: str, cfg: DataConfig,
     return DecodedVolume(tensor if tensor.dtype in (torch.int16, torch.float32) else tensor.float(), boxes, intensity, scale)
 
 
-def finish_volume(decoded: DecodedVolume, cfg: DataConfig, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The per-pixel side of ``preprocess_volume``, on ``device``: window each chunk of planes once
-    (only where some sample's box reaches), then crop each sample's planes to its box, pad them to
-    a square and area-resize them (once per run of samples with the same box). On the CPU the values
-    equal the per-sample MONAI chain's exactly; on a GPU they differ by float rounding (the area
-    average's summation order).
+def finish_volume(decoded: DecodedVolume, cfg: DataConfig, device: torch.device | str = "cpu",
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """The per-pixel side of ``preprocess_volume``, on ``device``: for each run of samples with the
+    same crop box, window the run's planes inside that box straight into a zero square (the pad),
+    area-resize them once, and gather the run's samples (2.5D) from the result. On the CPU the
+    values equal the per-sample MONAI chain's exactly; on a GPU they differ by float rounding (the
+    area average's summation order).
+
+    ``out``: where to write them (a slice of a unit's images: no concatenation afterwards).
 
     Returns:
-        ``(Z, 2 * cfg.context_slices + 1, S, S)`` float16 in [0, 1] on ``device``.
+        ``(Z, 2 * cfg.context_slices + 1, S, S)`` float16 in [0, 1] on ``device`` (``out`` if given).
     """
     context, size, z = cfg.context_slices, cfg.image_size, len(decoded)
-    out = torch.empty((z, 2 * context + 1, size, size), dtype=torch.float16, device=device)
+    if out is None:
+        out = torch.empty((z, 2 * context + 1, size, size), dtype=torch.float16, device=device)
     low, high = window_bounds(cfg, decoded.intensity)
     boxes = decoded.boxes
     for first in range(0, z, VOLUME_CHUNK):
         last = min(first + VOLUME_CHUNK, z)
         lo = max(first - context, 0)  # the chunk's slices and the neighbours they take as context
-        # windowing is per pixel: only the region some sample of the chunk is cropped to is needed
+        # one host-to-device copy a chunk, of the region some sample of the chunk is cropped to,
+        # as decoded (int16 for most DICOM: half the bytes of float32)
         region = _union(boxes[first:last], decoded.planes.shape[1:])
-        planes = torch.as_tensor(decoded.planes)[lo:min(last + context, z), region[0]:region[1], region[2]:region[3]]
-        block = _window(planes.to(device, non_blocking=True), decoded.scale, low, high)
+        block = torch.as_tensor(decoded.planes)[lo:min(last + context, z), region[0]:region[1], region[2]:region[3]]
+        block = block.to(device, non_blocking=True)
         # Samples in a row that share a crop box (most, with boxes on the lung grid: the lungs
-        # change little from one slice to the next) share planes too: each plane is cropped, padded
-        # and resized once for the run, not once for each of up to three samples (2.5D), and the
-        # run's samples are gathered from the result. Area resizing treats each plane on its own,
-        # so this gives the per-sample values exactly.
+        # change little from one slice to the next) share planes too: each plane is windowed,
+        # padded and resized once for the run, not once for each of up to three samples (2.5D).
+        # Area resizing treats each plane on its own, so this gives the per-sample values exactly.
         for a, b in _runs(boxes, first, last):
             first_plane, last_plane = max(a - context, 0) - lo, min(b - 1 + context, z - 1) - lo + 1
             box = None if boxes[a, 0] < 0 else (int(boxes[a, 0]) - region[0], int(boxes[a, 1]) - region[0],
                                                 int(boxes[a, 2]) - region[2], int(boxes[a, 3]) - region[2])
-            resized = _crop_pad_resize(block[first_plane:last_plane], box, size)
+            resized = _window_pad_resize(block[first_plane:last_plane], box, decoded.scale, low, high, size)
+            # float16 before the gather: each plane is converted once, not once per sample using it
+            resized = resized.to(torch.float16)
             # context_planes for samples a..b-1, made on the device (no host round trip a run)
             offsets = torch.arange(-context, context + 1, device=device)
             index = (torch.arange(a, b, device=device)[:, None] + offsets).clamp_(0, z - 1) - (lo + first_plane)
@@ -354,13 +360,25 @@ def _runs(boxes: np.ndarray, first: int, last: int) -> list[tuple[int, int]]:
     return runs
 
 
-def _crop_pad_resize(planes: torch.Tensor, box: tuple[int, int, int, int] | None, size: int) -> torch.Tensor:
-    """``(n, H, W)`` planes in [0, 1] -> ``(n, S, S)``: crop to ``box`` (``None``: no crop), MONAI's
-    symmetric SpatialPad to a square with zeros, area Resize (each plane on its own, as a channel)."""
+def _window_pad_resize(planes: torch.Tensor, box: tuple[int, int, int, int] | None, scale: float | None,
+                       low: float, high: float, size: int) -> torch.Tensor:
+    """``(n, H, W)`` planes as decoded (HU or grey levels, any dtype) -> ``(n, S, S)`` float32 in
+    [0, 1]: crop to ``box`` (``None``: no crop), window (``_window``'s arithmetic), MONAI's
+    symmetric SpatialPad to a square with zeros, area Resize (each plane on its own, as a channel).
+
+    The window is written straight into the padded square: one float copy of the crop instead of
+    a windowed copy and then a padded one (the pad is zeros either way, so the values are the same).
+    """
     x = planes if box is None else planes[:, box[0]:box[1], box[2]:box[3]]
-    h, w = x.shape[1:]
+    n, h, w = x.shape
     side = max(h, w)
-    x = F.pad(x, ((side - w) // 2, side - w - (side - w) // 2, (side - h) // 2, side - h - (side - h) // 2))
+    top, left = (side - h) // 2, (side - w) // 2
+    square = torch.zeros((n, side, side), dtype=torch.float32, device=x.device)
+    inner = square[:, top:top + h, left:left + w]
+    inner.copy_(x)
+    if scale is not None:
+        inner.div_(scale)
+    inner.sub_(low).div_(high - low).clamp_(0.0, 1.0)
     if side != size:
-        x = F.interpolate(x[None], size=(size, size), mode="area")[0]
-    return x.clamp_(0.0, 1.0)
+        square = F.interpolate(square[None], size=(size, size), mode="area")[0]
+    return square.clamp_(0.0, 1.0)

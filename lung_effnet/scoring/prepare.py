@@ -1,21 +1,23 @@
-"""Worker side: decode one unit and find where each of its slices is cropped; the scoring process
-finishes the preprocessing (``finish_unit``) exactly as training did.
+"""Worker side: decode one unit and find where each of its slices is cropped; ``finish_unit``
+completes the preprocessing exactly as training did, in the worker on a CPU run, in the scoring
+process on the GPU otherwise.
 
 ``prepare_unit`` runs in a worker process (or in-process with ``--workers 0``); everything here is a
 top-level, picklable function of plain data, so it works under the ``spawn`` start method. The
 worker does what needs the CPU and scipy (decode, the lungs' connected components on a grid,
 ``preprocess.volume.volume_boxes``) and hands over the planes as they were decoded (int16 for most
 DICOM, in shared memory: torch tensors cross process boundaries as file descriptors, not pickles).
-Windowing, cropping and the area resize, the per-pixel work, run in the scoring process on the
-scoring device (``preprocess.volume.finish_volume``): on a GPU, batched there, so that the workers
-only decode (``benchmarks/bench_score.py``, "data path").
+Windowing, cropping and the area resize, the per-pixel work (``preprocess.volume.finish_volume``),
+run on a GPU in the scoring process, batched there, so that the workers only decode; on a CPU run
+the workers do them too (``prepare_unit(..., finish=True)``) and hand over the images, since the
+scoring process's core is the model's (``benchmarks/bench_score.py``, "data path").
 
 Training's sample from a volume plane (``preprocess.cache.PlaneReader`` + ``load_or_preprocess``) is:
 the ``(2c+1, H, W)`` planes of slice k in HU (``context_planes``, edges repeated), the volume's
 in-plane spacing ``(dy, dx)`` mm, ``preprocess_sample`` (resample, window, body crop, pad, resize),
 stored as float16. 2D images are grey levels, repeated ``2c+1`` times, without spacing. Scoring
-runs the same chain with the model's saved ``DataConfig`` on whole volumes (``volume_boxes`` here,
-``finish_volume`` in the scoring process), which gives the same float16 values on the CPU
+runs the same chain with the model's saved ``DataConfig`` on whole volumes (``volume_boxes``, then
+``finish_volume``), which gives the same float16 values on the CPU
 (``tests/preprocess/test_volume_preprocess.py``).
 """
 
@@ -71,8 +73,8 @@ class PreparedItem:
 @dataclass
 class PreparedUnit:
     """A decoded unit: ``volumes``, one per series, volume or image, in the order of ``items``;
-    ``images``, ``(N, C, S, S)`` float16 in [0, 1], made from them by ``finish_unit`` on the
-    scoring device (``None`` until then)."""
+    ``images``, ``(N, C, S, S)`` float16 in [0, 1], made from them by ``finish_unit`` (``None``
+    until then; once made by a worker, ``volumes`` is emptied)."""
 
     key: str
     volumes: list[DecodedVolume]
@@ -84,12 +86,19 @@ class PreparedUnit:
 
 def finish_unit(prepared: PreparedUnit, cfg: DataConfig, device: torch.device | str = "cpu") -> torch.Tensor:
     """Window, crop and resize a decoded unit's slices on ``device``; returns them and keeps them
-    as ``prepared.images``: ``(N, C, S, S)`` float16."""
-    parts = [finish_volume(volume, cfg, device) for volume in prepared.volumes]
+    as ``prepared.images``: ``(N, C, S, S)`` float16, each volume's slices in place. A unit a
+    worker finished already (``prepare_unit(..., finish=True)``) is only moved to ``device``."""
+    if prepared.images is not None:
+        prepared.images = prepared.images.to(device)
+        return prepared.images
     channels, size = 2 * cfg.context_slices + 1, cfg.image_size
-    prepared.images = (torch.cat(parts) if parts else
-                       torch.zeros((0, channels, size, size), dtype=torch.float16, device=device))
-    return prepared.images
+    images = torch.empty((sum(len(v) for v in prepared.volumes), channels, size, size), dtype=torch.float16, device=device)
+    start = 0
+    for volume in prepared.volumes:
+        finish_volume(volume, cfg, device, out=images[start:start + len(volume)])
+        start += len(volume)
+    prepared.images = images
+    return images
 
 
 def init_worker(run_pid: int | None = None, gpu_decode: bool = False) -> None:
@@ -153,15 +162,23 @@ def _exists(pid: int) -> bool:
     return True
 
 
-def prepare_unit(unit: ScoreUnit, cfg: DataConfig) -> PreparedUnit:
-    """Decode a unit and find its crop boxes (``finish_unit`` does the rest); unusable files
-    become ledger rows, never exceptions."""
+def prepare_unit(unit: ScoreUnit, cfg: DataConfig, finish: bool = False) -> PreparedUnit:
+    """Decode a unit and find its crop boxes; unusable files become ledger rows, never exceptions.
+
+    ``finish``: also window, crop and resize here on the CPU (``finish_unit``) and hand over the
+    images instead of the planes: what a CPU run does, where the scoring process's core is the
+    model's (the values are the same wherever ``finish_unit`` runs on the CPU). A GPU run leaves
+    that to the scoring process, on the device."""
     start = time.perf_counter()
     ledger = Ledger()
     reader = {DICOM: _dicom, NIFTI: _nifti, IMAGES: _images}[unit.kind]
     volumes, items = reader(unit, cfg, ledger)
     rows = [{**row, "stage": ledger.stages.get(path, "")} for path, row in ledger.rows.items()]
-    return PreparedUnit(unit.key, volumes, items, rows, time.perf_counter() - start)
+    prepared = PreparedUnit(unit.key, volumes, items, rows, time.perf_counter() - start)
+    if finish:
+        finish_unit(prepared, cfg)
+        prepared.volumes = []  # the planes are not needed any more: not handed over
+    return prepared
 
 
 def _fail_all(unit: ScoreUnit, ledger: Ledger, stage: str, reason: str) -> None:

@@ -1,8 +1,10 @@
 """The score stage's loop: discover -> decode in workers -> batched ensemble inference -> records.
 
 Decoding and finding the crop boxes (``prepare``) run in ``workers`` processes (``forkserver``, one
-thread each) while the main process windows, crops and resizes the decoded planes on the scoring
-device (``prepare.finish_unit``) and runs the model, so decode overlaps inference. At most
+thread each), and so do windowing, cropping and resizing on a CPU run; on a GPU the main process does
+those there (``prepare.finish_unit``). The main process runs the model, so decode overlaps
+inference, and whenever it would wait for the workers (the header pass; a model faster than they
+are) it decodes too (``helping``). At most
 ``workers + PREFETCH`` units are in flight (being decoded or waiting for the model), which bounds
 memory by a few series whatever the archive size. Each finished unit is journaled at once
 (``journal``); the final files are rebuilt from the journal at the end (``outputs``), so a killed
@@ -45,6 +47,7 @@ from lung_effnet.scoring.dicom_results import (
     dicom_summary,
 )
 from lung_effnet.scoring.discover import DICOM, Discovery, ScoreUnit, discover
+from lung_effnet.scoring.helping import helped_map, one_thread
 from lung_effnet.scoring.journal import RECORD_VERSION, Journal
 from lung_effnet.scoring.outputs import make_record, pseudonymize_discovery, pseudonymize_prepared, write_outputs
 from lung_effnet.scoring.prepare import SCORED, PreparedUnit, finish_unit, init_worker, prepare_unit
@@ -143,22 +146,31 @@ def _start_processes(pool: ProcessPoolExecutor, workers: int) -> None:
         pass
 
 
-def prepared_units(units: list[ScoreUnit], cfg, pool: ProcessPoolExecutor | None,
-                   workers: int) -> Iterator[tuple[ScoreUnit, PreparedUnit]]:
-    """Yield ``(unit, prepared)`` as workers finish them (any order); in-process without a pool."""
+def prepared_units(units: list[ScoreUnit], cfg, pool: ProcessPoolExecutor | None, workers: int,
+                   finish: bool = False) -> Iterator[tuple[ScoreUnit, PreparedUnit]]:
+    """Yield ``(unit, prepared)`` as workers finish them (any order); in-process without a pool.
+    While no worker has a unit ready, this process prepares the next one itself (``helping``).
+    ``finish``: the workers also window, crop and resize, on the CPU (``prepare_unit``)."""
     if pool is None:
         for unit in units:
-            yield unit, prepare_unit(unit, cfg)
+            yield unit, prepare_unit(unit, cfg, finish)
         return
     pending: dict[Future[PreparedUnit], ScoreUnit] = {}
     queue = iter(units)
     try:
         while True:
             while len(pending) < workers + PREFETCH and (queued := next(queue, None)) is not None:
-                pending[pool.submit(prepare_unit, queued, cfg)] = queued
+                pending[pool.submit(prepare_unit, queued, cfg, finish)] = queued
             if not pending:
                 return
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            done = {future for future in pending if future.done()}
+            if not done and (queued := next(queue, None)) is not None:
+                with one_thread():  # every worker is busy: this one here, as one more worker
+                    prepared = prepare_unit(queued, cfg, finish)
+                yield queued, prepared
+                continue
+            if not done:
+                done = wait(pending, return_when=FIRST_COMPLETED)[0]
             for future in done:
                 unit = pending.pop(future)
                 try:
@@ -169,6 +181,15 @@ def prepared_units(units: list[ScoreUnit], cfg, pool: ProcessPoolExecutor | None
     finally:
         for future in pending:
             future.cancel()
+
+
+def header_map(pool: ProcessPoolExecutor | None, workers: int):
+    """The header pass's ``map`` (``discover``'s ``map_fn``): over the decode workers and this
+    process (``helping.helped_map``; serially it takes about as long as decoding), or ``None``
+    (this process alone) without a pool."""
+    if pool is None:
+        return None
+    return partial(helped_map, pool, chunksize=HEADER_CHUNK, in_flight=2 * workers)
 
 
 def model_fingerprint(predictor: Predictor) -> str:
@@ -255,10 +276,8 @@ def _score(model, input_dir: Path, out_dir: Path, dev: torch.device, pool, start
         dicom = DicomResultWriter(dicom_out, input_dir, Algorithm(
             name=f"lung-effnet {predictor.config.model.name} ensemble of {len(getattr(predictor.model, 'members', [None]))} folds",
             version=f"{__version__}+{fingerprint[:12]}", fingerprint=fingerprint, rule=RULE, top_k=top_k))
-    # the header pass spread over the decode workers (serially it takes about as long as decoding;
-    # 2 workers: 1.1 -> 0.47 ms a file); with one worker it would only add the round trips
-    map_fn = partial(pool.map, chunksize=HEADER_CHUNK) if pool is not None and workers > 1 else None
-    discovery = discover(input_dir, exclude=out_dir, group_size=batch_size, progress=progress, map_fn=map_fn)
+    discovery = discover(input_dir, exclude=out_dir, group_size=batch_size, progress=progress,
+                         map_fn=header_map(pool, workers))
     if shard is not None:  # on UIDs as found: a series' shard does not depend on the pseudonym key
         inventory, n_files_total = inventory_digest(discovery), discovery.n_files
         discovery = select_shard(discovery, shard, group_size=batch_size)
@@ -314,7 +333,8 @@ def run_units(todo: list[ScoreUnit], discovery: Discovery, predictor: Predictor,
     done_series = n_series - sum(1 if u.kind != "images" else len(u.files) for u in todo)
     counts, started = {"units": 0, "series": 0, "slices": 0}, time.perf_counter()
     with bar:
-        for unit, prepared in prepared_units(todo, predictor.config.data, pool, workers):
+        for unit, prepared in prepared_units(todo, predictor.config.data, pool, workers,
+                                             finish=predictor.device.type == "cpu"):
             images = finish_unit(prepared, predictor.config.data, predictor.device)
             probs = scorer(images)
             if predictor.training_overlap is not None:
