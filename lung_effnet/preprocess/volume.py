@@ -163,9 +163,9 @@ def context_planes(hu: np.ndarray, k: int, context: int) -> np.ndarray:
 
 @dataclass
 class DecodedVolume:
-    """A decoded volume and where each of its samples is cropped: what a decode worker hands the
-    scoring process (``scoring.prepare``), which windows, crops and resizes it on the scoring
-    device (``finish_volume``).
+    """A decoded volume and where each of its samples is cropped: what ``finish_volume`` windows,
+    crops and resizes; on a GPU run what a decode worker hands the scoring process
+    (``scoring.prepare``), which does that on the device (a CPU run's workers do it themselves).
 
     ``planes``: ``(Z, H, W)`` in the source scale (HU, or grey levels), resampled to
     ``cfg.spacing_mm`` if set; int16 when the values are (DICOM usually: half the bytes to hand

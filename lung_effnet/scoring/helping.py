@@ -1,11 +1,11 @@
 """The scoring process lends a hand to its decode workers whenever it would otherwise wait.
 
-The scoring process has a core of its own (``default_workers`` leaves one for it). During the
-header pass it has nothing else to do, and while scoring it waits whenever the model is faster
-than the workers (a GPU, or a small input size). In both cases it takes the next task itself
-instead of blocking, so ``workers`` processes plus this one decode: on the development machine's
-2 cores (1 worker) that is the difference between one core decoding and two
-(``benchmarks/bench_score.py``, data path; ``benchmarks/RESULTS.md``).
+During the header pass the scoring process has nothing else to do, and while scoring it waits
+whenever the model is faster than the workers (a GPU, or a small input size). In both cases it
+takes the next task itself instead of blocking, so ``workers`` processes plus this one decode: on
+the development machine's 2 cores (1 worker) that is the difference between one core decoding and
+two (``benchmarks/bench_score.py``, data path; ``benchmarks/RESULTS.md``). On a CPU run the model
+usually keeps it busy, and it rarely helps.
 
 A task taken here runs exactly as it would in a worker (same function, same arguments), so the
 results do not depend on who ran it; only their order of arrival changes, which the callers
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from typing import Any
 
@@ -58,7 +59,11 @@ def helped_map(pool: ProcessPoolExecutor, fn: Callable[[Any], Any], items: Itera
             elif not done:
                 done = list(wait(pending, return_when=FIRST_COMPLETED)[0])
             for future in done:
-                results[pending.pop(future)] = future.result()
+                try:
+                    results[pending.pop(future)] = future.result()
+                except BrokenProcessPool:
+                    raise RuntimeError("a decode worker died (out of memory?) while reading headers; "
+                                       "run the same command again") from None
             while emitted in results:
                 yield from results.pop(emitted)
                 emitted += 1

@@ -4,8 +4,8 @@ Decoding and finding the crop boxes (``prepare``) run in ``workers`` processes (
 thread each), and so do windowing, cropping and resizing on a CPU run; on a GPU the main process does
 those there (``prepare.finish_unit``). The main process runs the model, so decode overlaps
 inference, and whenever it would wait for the workers (the header pass; a model faster than they
-are) it decodes too (``helping``). At most
-``workers + PREFETCH`` units are in flight (being decoded or waiting for the model), which bounds
+are) it decodes too (``helping``). At most ``workers + PREFETCH`` units are in flight (being
+decoded or waiting for the model), plus one the main process decodes itself, which bounds
 memory by a few series whatever the archive size. Each finished unit is journaled at once
 (``journal``); the final files are rebuilt from the journal at the end (``outputs``), so a killed
 run started again with the same command skips finished units and ends with the same files.
@@ -22,6 +22,7 @@ import multiprocessing
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -78,9 +79,9 @@ def default_workers(device: torch.device) -> int:
 
 def inference_threads(workers: int) -> int:
     """Torch threads for CPU inference beside ``workers`` decode processes. The first worker shares
-    a core with the model (it is busy a fifth of the model's time per slice, see
-    ``default_workers``; on 2 cores, 1 thread for the model instead of 2 cost half the speed), each
-    further one takes a core of its own."""
+    a core with the model (decoding and preprocessing a 512 px slice takes it 1-2 ms against the
+    model's 10-70, see ``default_workers``; on 2 cores, 1 thread for the model instead of 2 cost half
+    the speed), each further one takes a core of its own."""
     return max(1, (os.cpu_count() or 2) - max(0, workers - 1))
 
 
@@ -149,22 +150,27 @@ def _start_processes(pool: ProcessPoolExecutor, workers: int) -> None:
 def prepared_units(units: list[ScoreUnit], cfg, pool: ProcessPoolExecutor | None, workers: int,
                    finish: bool = False) -> Iterator[tuple[ScoreUnit, PreparedUnit]]:
     """Yield ``(unit, prepared)`` as workers finish them (any order); in-process without a pool.
-    While no worker has a unit ready, this process prepares the next one itself (``helping``).
+
+    While no worker has a unit ready, this process prepares the next one itself (``helping``), on
+    one thread, if it is no larger than every unit the workers hold: nothing is submitted while it
+    works, so a large series here would leave the workers idle once their queue ran dry.
     ``finish``: the workers also window, crop and resize, on the CPU (``prepare_unit``)."""
     if pool is None:
         for unit in units:
             yield unit, prepare_unit(unit, cfg, finish)
         return
     pending: dict[Future[PreparedUnit], ScoreUnit] = {}
-    queue = iter(units)
+    queue = deque(units)
     try:
         while True:
-            while len(pending) < workers + PREFETCH and (queued := next(queue, None)) is not None:
+            while len(pending) < workers + PREFETCH and queue:
+                queued = queue.popleft()
                 pending[pool.submit(prepare_unit, queued, cfg, finish)] = queued
             if not pending:
                 return
             done = {future for future in pending if future.done()}
-            if not done and (queued := next(queue, None)) is not None:
+            if not done and queue and queue[0].n_slices <= min(u.n_slices for u in pending.values()):
+                queued = queue.popleft()
                 with one_thread():  # every worker is busy: this one here, as one more worker
                     prepared = prepare_unit(queued, cfg, finish)
                 yield queued, prepared
