@@ -46,3 +46,33 @@ def test_truncated_native_file_falls_back_to_pydicom_error(pydicom_test_files, t
     header = SimpleNamespace(path=str(cut), pixel=native_pixel_layout(ds, offset), shape=(128, 128))
     with pytest.raises(Exception):  # noqa: B017 - whatever pydicom raises on a cut file, not silence
         read_stored_pixels(header)
+
+
+US_KEYWORDS = ["Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "BitsStored", "PixelRepresentation", "HighBit"]
+
+
+def test_raw_unsigned_shorts_equal_pydicoms_values(pydicom_test_files):
+    """``unsigned_short`` reads US values from the raw bytes (both byte orders, implicit and
+    explicit VR): the same numbers pydicom's conversion gives, on every file pydicom ships that
+    has them, before and after pydicom has converted the element itself."""
+    import pydicom
+
+    from lung_effnet.io.dicom_index import unsigned_short
+
+    checked = set()
+    for path in sorted(pydicom_test_files.rglob("*")):
+        try:
+            ds, _ = read_header(path)
+        except Exception:
+            continue  # not DICOM, or truncated: the index reports those
+        for keyword in US_KEYWORDS:
+            raw = unsigned_short(ds, keyword, -1)
+            reference = pydicom.dcmread(path, stop_before_pixels=True, force=True).get(keyword)
+            expected = -1 if reference in (None, b"", "") else int(reference)
+            assert raw == expected, (path.name, keyword)
+            if keyword in ds:
+                _ = ds[keyword].value  # pydicom converts the element...
+            assert unsigned_short(ds, keyword, -1) == expected  # ...and the value read is the same
+            if raw >= 0:
+                checked.add((ds.file_meta.get("TransferSyntaxUID", "?") if hasattr(ds, "file_meta") else "?"))
+    assert {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"} <= {str(u) for u in checked}
