@@ -67,10 +67,10 @@ RULE = "mean class probabilities of the top_k slices by abnormality (p_benign + 
 
 def default_workers(device: torch.device) -> int:
     """On a GPU the data path has to keep up with the device: every core but the one that feeds
-    it, at most 8. On a CPU the model is the slow part: a 512 px slice takes ~4 ms to decode and
-    preprocess against ~20 ms of a 5-fold b0 on two cores at 96 px, ~5x that at 224 px
-    (``benchmarks/RESULTS.md``), so one worker keeps up on up to ~8 cores, and each further one
-    takes cores from the model."""
+    it, at most 8. On a CPU the model is the slow part: a 512 px slice takes 1-2 ms of one core to
+    decode and preprocess against ~11 ms of a 5-fold b0 on two cores at 96 px, ~70 ms at 224 px
+    (``benchmarks/RESULTS.md``, "Batch scoring"), so one worker keeps up on up to ~8 cores, and
+    each further one takes cores from the model."""
     cores = os.cpu_count() or 2
     if device.type == "cuda":
         return max(1, min(8, cores - 1))
