@@ -71,6 +71,12 @@ def print_cv_summary(summary: dict, out_dir: Path) -> None:
     print(format_table(["", "n"] + [c.replace("balanced_accuracy", "bal_acc") for c in CV_COLUMNS], rows,
                        f"Cross-validation ({summary['n_patients']} patients; series and patients: mean of their "
                        f"{summary['aggregation']['top_k']} most abnormal slices, as score; CIs: patient bootstrap)"))
+    oof = summary["oof"]
+    pairs = [k for k in oof if k.startswith("auroc_") and "_vs_" in k and not k.endswith("_ci95")]
+    if pairs:  # a class's one-vs-rest AUROC mixes its two confusions; the pairs tell them apart
+        print("\nPairwise AUROC, out of fold (95% CI): " + "; ".join(
+            f"{k[len('auroc_'):].replace('_vs_', ' vs ')} {oof[k]:.3f} ({oof[k + '_ci95'][0]:.2f}-{oof[k + '_ci95'][1]:.2f})"
+            for k in pairs))
     for warning in summary.get("warnings", []):
         print(f"\nWARNING: {warning}")
     mlflow_info = summary.get("mlflow", {})

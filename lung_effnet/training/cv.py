@@ -50,8 +50,6 @@ from lung_effnet.version import __version__
 
 log = logging.getLogger(__name__)
 
-SUMMARY_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc_benign", "auroc_malignant", "auroc_normal",
-                   "auroc_macro", "ece")
 OOF_COLUMNS = ("path", "patient_id", "fold", "label", "p_benign", "p_malignant", "p_normal", "slice_index", "series_uid")
 
 

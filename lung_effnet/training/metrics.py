@@ -11,10 +11,15 @@ What is computed, and how:
   ``balanced_accuracy_score`` (mean recall over the classes present in ``y_true``), ``f1_score``
   (macro over the three labels; a class absent from both ``y_true`` and the predictions has no F1
   and is left out of the mean), one-vs-rest ``roc_auc_score`` per class (``auroc_macro`` is the mean
-  of the defined ones), and ``confusion_matrix`` from which per-class one-vs-rest sensitivity
+  of the defined ones), pairwise AUROCs (below), and ``confusion_matrix`` from which per-class one-vs-rest sensitivity
   ``TP / (TP + FN)`` and specificity ``TN / (TN + FP)`` are read. An undefined metric (a class
   missing from ``y_true`` for its AUROC or sensitivity, no negatives for a specificity) is ``nan``;
   nothing raises and nothing warns.
+- **Pairwise AUROC** ``auroc_<a>_vs_<b>`` (Hand & Till, Machine Learning 45:171-186, 2001): on the rows
+  of classes a and b only, the mean of the AUROC of ``proba[:, a]`` for "a, not b" and of ``proba[:, b]``
+  for "b, not a"; the mean of the three is scikit-learn's ``roc_auc_score(multi_class="ovo")``. Why: a
+  class's one-vs-rest AUROC mixes its two confusions. A benign AUROC of 0.74 can mean "benign told from
+  malignant, not at all from normal" (benchmarks/RESULTS.md measured exactly that); the pairs show it.
 - **Calibration**: the top-class confidence ``max(proba)`` is put in ``n_bins`` equal-width bins on
   [0, 1], right-closed (``(lo, hi]``, the first bin ``[0, hi]``; the binning of scikit-learn's
   ``calibration_curve(strategy="uniform")``). ECE = sum over bins of ``n_b / N * |acc_b - conf_b|``
@@ -61,12 +66,16 @@ _SUM_TOL = 1e-3  # float32 softmax rows sum to 1 within ~1e-6; anything further 
 _CHUNK_ELEMENTS = 4_000_000  # (resamples x rows) per weight block: 32 MB of float64
 _DRAW_CHUNK = 64  # resamples drawn at a time; fixed, so draws do not depend on N
 
+PAIRS: tuple[tuple[int, int], ...] = ((0, 1), (0, 2), (1, 2))
+"""Class index pairs of the pairwise AUROCs: benign-malignant, benign-normal, malignant-normal."""
+
 METRIC_NAMES: tuple[str, ...] = (
     "accuracy",
     "balanced_accuracy",
     "macro_f1",
     *(f"auroc_{c}" for c in CLASSES),
     "auroc_macro",
+    *(f"auroc_{CLASSES[a]}_vs_{CLASSES[b]}" for a, b in PAIRS),
     *(f"sensitivity_{c}" for c in CLASSES),
     *(f"specificity_{c}" for c in CLASSES),
     "ece",
@@ -214,6 +223,14 @@ def auroc_one_vs_rest(y: np.ndarray, p: np.ndarray, k: int) -> float:
     return float(roc_auc_score(positive, p[:, k]))
 
 
+def auroc_pair(y: np.ndarray, p: np.ndarray, a: int, b: int) -> float:
+    """Hand & Till's pairwise AUROC of classes ``a`` and ``b`` (module docstring); nan unless both occur."""
+    pair = (y == a) | (y == b)
+    if not (y == a).any() or not (y == b).any():
+        return float("nan")
+    return float((roc_auc_score(y[pair] == a, p[pair, a]) + roc_auc_score(y[pair] == b, p[pair, b])) / 2)
+
+
 def classification_metrics(y_true: object, proba: object) -> dict[str, float]:
     """All metrics of a 3-class prediction, computed with scikit-learn (see the module docstring).
 
@@ -230,6 +247,7 @@ def classification_metrics(y_true: object, proba: object) -> dict[str, float]:
         # Undefined cases become NaN below or are left out of sklearn's macro means; keep the terminal quiet.
         warnings.simplefilter("ignore", UndefinedMetricWarning)
         warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        warnings.filterwarnings("ignore", message="A single label was found")  # one class in both: defined, not news
         out = {
             "accuracy": float(accuracy_score(y, y_pred)),
             "balanced_accuracy": float(balanced_accuracy_score(y, y_pred)),
@@ -238,6 +256,7 @@ def classification_metrics(y_true: object, proba: object) -> dict[str, float]:
         aurocs = [auroc_one_vs_rest(y, p, k) for k in range(N_CLASSES)]
     out.update({f"auroc_{c}": a for c, a in zip(CLASSES, aurocs)})
     out["auroc_macro"] = float(_nan_mean_last(np.asarray(aurocs)))
+    out.update({f"auroc_{CLASSES[a]}_vs_{CLASSES[b]}": auroc_pair(y, p, a, b) for a, b in PAIRS})
     sensitivity, specificity = _sensitivity_specificity(confusion(y, y_pred))
     out.update({f"sensitivity_{c}": float(s) for c, s in zip(CLASSES, sensitivity)})
     out.update({f"specificity_{c}": float(s) for c, s in zip(CLASSES, specificity)})
@@ -266,6 +285,7 @@ class _WeightedMetrics:
             s = p[order, k]
             starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
             self.ranks.append((order, starts, (y[order] == k).astype(np.float64)))
+        self.in_pair = [((y == a) | (y == b)).astype(np.float64) for a, b in PAIRS]  # (N,) row masks
 
     def __call__(self, w: np.ndarray) -> np.ndarray:
         """Metrics ``(B, len(METRIC_NAMES))`` for row weights ``w`` ``(B, N)``."""
@@ -274,12 +294,16 @@ class _WeightedMetrics:
         tp, fn, fp, _ = _one_vs_rest_counts(cm)
         sensitivity, specificity = _sensitivity_specificity(cm)
         aurocs = np.stack([self._auroc(w, *r) for r in self.ranks], axis=1)
+        # a vs b: only a's and b's rows count, so every other row's weight is zeroed
+        pairs = [(self._auroc(w * mask, *self.ranks[a]) + self._auroc(w * mask, *self.ranks[b])) / 2
+                 for (a, b), mask in zip(PAIRS, self.in_pair)]
         cols = [
             nan_div(tp.sum(axis=1), total),
             _nan_mean_last(sensitivity),  # sklearn: mean recall over classes present in y_true
             _nan_mean_last(nan_div(2 * tp, 2 * tp + fp + fn)),
             *aurocs.T,
             _nan_mean_last(aurocs),
+            *pairs,
             *sensitivity.T,
             *specificity.T,
             nan_div(np.abs(w @ self.calibration_gap).sum(axis=1), total),

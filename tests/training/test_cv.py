@@ -31,7 +31,8 @@ def test_outputs_have_the_documented_shape(tiny_run, read_csv):
     train = out / "train"
     on_disk = json.loads((train / "cv_summary.json").read_text())
     assert on_disk["oof"]["auroc_macro"] == pytest.approx(summary["oof"]["auroc_macro"])
-    for key in ("accuracy", "balanced_accuracy", "macro_f1", "auroc_benign", "auroc_malignant", "auroc_normal", "auroc_macro", "ece"):
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "auroc_benign", "auroc_malignant", "auroc_normal", "auroc_macro",
+                "auroc_benign_vs_malignant", "auroc_benign_vs_normal", "auroc_malignant_vs_normal", "ece"):
         assert key in on_disk["oof"] and len(on_disk["oof"][f"{key}_ci95"]) == 2
         assert all(key in fold for fold in on_disk["folds"])
     assert len(on_disk["folds"]) == 3
@@ -46,6 +47,18 @@ def test_outputs_have_the_documented_shape(tiny_run, read_csv):
                                                                    "model.json", "training_data.json"]
     assert len(json.loads((train / "model" / "training_data.json").read_text())["files"]) == 9  # one NIfTI a patient
     assert not list(train.glob("folds/*/last.pt")) and len(list(train.glob("folds/*/best.pt"))) == 3
+
+
+def test_console_summary_names_each_pair_of_classes(tiny_run, capsys):
+    from lung_effnet.console import print_cv_summary
+
+    out, summary, _ = tiny_run
+    print_cv_summary(summary, out / "train")
+    line = next(t for t in capsys.readouterr().out.splitlines() if t.startswith("Pairwise AUROC"))
+    oof = summary["oof"]
+    low, high = oof["auroc_benign_vs_normal_ci95"]
+    assert f"benign vs normal {oof['auroc_benign_vs_normal']:.3f} ({low:.2f}-{high:.2f})" in line
+    assert "benign vs malignant" in line and "malignant vs normal" in line
 
 
 def test_summary_counts_name_their_unit_and_series_and_patients_are_scored_as_score_does(tiny_run):

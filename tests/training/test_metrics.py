@@ -60,6 +60,7 @@ def test_keys_are_exactly_the_contract():
     y, p = informative_case(60)
     expected = {"accuracy", "balanced_accuracy", "macro_f1", "auroc_macro", "ece", "n"}
     expected |= {f"{m}_{c}" for m in ("auroc", "sensitivity", "specificity") for c in CLASSES}
+    expected |= {"auroc_benign_vs_malignant", "auroc_benign_vs_normal", "auroc_malignant_vs_normal"}
     m = classification_metrics(y, p)
     assert set(m) == expected == set(METRIC_NAMES)
     assert all(isinstance(v, float) for v in m.values())
@@ -103,11 +104,41 @@ def test_metrics_equal_sklearn_on_a_random_case():
     assert m["n"] == 500
 
 
+def test_pairwise_aurocs_equal_sklearn_one_vs_one():
+    y, p = informative_case(500, seed=11, signal=0.8)
+    m = classification_metrics(y, p)
+    pairs = [m["auroc_benign_vs_malignant"], m["auroc_benign_vs_normal"], m["auroc_malignant_vs_normal"]]
+    # scikit-learn's one-vs-one macro AUROC is Hand & Till's: the mean of exactly these three
+    assert np.mean(pairs) == pytest.approx(roc_auc_score(y, p, multi_class="ovo", average="macro"), abs=1e-12)
+    bn = y != 1
+    expected = (roc_auc_score(y[bn] == 0, p[bn, 0]) + roc_auc_score(y[bn] == 2, p[bn, 2])) / 2
+    assert m["auroc_benign_vs_normal"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_pairwise_auroc_exposes_a_pair_the_one_vs_rest_auroc_hides():
+    """Benign told from malignant perfectly and from normal not at all: one-vs-rest benign AUROC looks
+    fair (about 0.75), the benign-normal pair is at chance."""
+    rng = np.random.default_rng(3)
+    y = np.repeat([0, 1, 2], 400)
+    p = np.empty((y.size, 3))
+    p[:, 1] = np.where(y == 1, rng.uniform(0.6, 0.9, y.size), rng.uniform(0.0, 0.1, y.size))
+    share = rng.uniform(0.3, 0.7, y.size)  # benign vs normal: the same distribution for both classes
+    p[:, 0] = (1 - p[:, 1]) * share
+    p[:, 2] = (1 - p[:, 1]) * (1 - share)
+    m = classification_metrics(y, p)
+    assert 0.70 < m["auroc_benign"] < 0.80
+    assert abs(m["auroc_benign_vs_normal"] - 0.5) < 0.05
+    assert m["auroc_benign_vs_malignant"] == pytest.approx(1.0) and m["auroc_malignant_vs_normal"] == pytest.approx(1.0)
+
+
 def test_missing_class_gives_nan_auroc_without_raising_or_warning():
     y = np.array([0, 0, 1, 1, 0, 1])
     p = np.array([[0.7, 0.2, 0.1], [0.5, 0.1, 0.4], [0.2, 0.6, 0.2], [0.1, 0.3, 0.6], [0.3, 0.4, 0.3], [0.2, 0.2, 0.6]])
     m = classification_metrics(y, p)  # warnings are errors (fixture)
     assert math.isnan(m["auroc_normal"]) and math.isnan(m["sensitivity_normal"])
+    assert math.isnan(m["auroc_benign_vs_normal"]) and math.isnan(m["auroc_malignant_vs_normal"])
+    assert m["auroc_benign_vs_malignant"] == pytest.approx(
+        (roc_auc_score(y == 0, p[:, 0]) + roc_auc_score(y == 1, p[:, 1])) / 2)
     assert m["auroc_benign"] == pytest.approx(roc_auc_score(y == 0, p[:, 0]))
     assert m["auroc_macro"] == pytest.approx((m["auroc_benign"] + m["auroc_malignant"]) / 2)
     assert m["specificity_normal"] == pytest.approx(4 / 6)  # two rows wrongly called normal
@@ -122,6 +153,9 @@ def test_single_class_labels_are_all_quiet():
     assert m["accuracy"] == pytest.approx(0.6) and m["balanced_accuracy"] == pytest.approx(0.6)
     assert math.isnan(m["specificity_benign"])  # no negatives
     assert m["specificity_malignant"] == pytest.approx(0.8)
+    # one class in the labels and in the predictions too: still quiet (warnings are errors here)
+    m = classification_metrics(y, np.tile([0.8, 0.1, 0.1], (5, 1)))
+    assert m["accuracy"] == 1.0 and math.isnan(m["auroc_benign_vs_normal"])
 
 
 def test_sensitivity_specificity_by_hand():
@@ -203,7 +237,8 @@ def test_metrics_for_weights_equal_sklearn_on_repeated_rows():
         expected = classification_metrics(y[rows], p[rows])
         for name in METRIC_NAMES:
             np.testing.assert_allclose(batch[name][b], expected[name], rtol=1e-9, atol=1e-12, err_msg=name)
-    assert math.isnan(batch["auroc_normal"][0])
+    assert math.isnan(batch["auroc_normal"][0]) and math.isnan(batch["auroc_benign_vs_normal"][0])
+    assert math.isfinite(batch["auroc_benign_vs_malignant"][0])
 
 
 def patient_case(n_patients: int, rows_per_patient: int, seed: int = 0):
