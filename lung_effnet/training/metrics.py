@@ -17,7 +17,8 @@ What is computed, and how:
   nothing raises and nothing warns.
 - **Pairwise AUROC** ``auroc_<a>_vs_<b>`` (Hand & Till, Machine Learning 45:171-186, 2001): on the rows
   of classes a and b only, the mean of the AUROC of ``proba[:, a]`` for "a, not b" and of ``proba[:, b]``
-  for "b, not a"; the mean of the three is scikit-learn's ``roc_auc_score(multi_class="ovo")``. Why: a
+  for "b, not a"; with all three classes present, the mean of the three is scikit-learn's
+  ``roc_auc_score(multi_class="ovo")``; nan for a pair with a class absent. Why: a
   class's one-vs-rest AUROC mixes its two confusions. A benign AUROC of 0.74 can mean "benign told from
   malignant, not at all from normal" (benchmarks/RESULTS.md measured exactly that); the pairs show it.
 - **Calibration**: the top-class confidence ``max(proba)`` is put in ``n_bins`` equal-width bins on
