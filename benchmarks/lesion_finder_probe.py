@@ -19,6 +19,7 @@ Supervision: ``masks`` (default; dense loss on 32 x 32 crops, half of them on a 
 5x) or ``slice`` (multiple-instance: the map's smooth maximum against "this slice holds a lesion", whole
 slices, no masks: what a study without masks could train). ``--flat P``: with probability P a training
 crop's context channels all repeat its centre slice, as they do for a 2D source (a JPG has no neighbours).
+``--save F`` keeps the finder's weights (``finder_channel_prototype.patch`` reads them from ``LE_FINDER``).
 
     lung-effnet synth PRE --format nifti --patients 480 --seed 1000 --size 512 --slices 6
     python benchmarks/lesion_finder_probe.py --train PRE --eval DEMO0@RUN0 --eval FAMILY/manifest.csv@RUNB
@@ -195,6 +196,7 @@ def main() -> None:
     ap.add_argument("--flat", type=float, default=0.0, help="share of training crops given a 2D source's flat context")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--save", type=Path, help="write the trained finder's state dict here (finder_channel_prototype.patch reads it)")
     args = ap.parse_args()
     from lung_effnet.config import load_config
 
@@ -213,6 +215,8 @@ def main() -> None:
         start = time.perf_counter()
         net = train_finder(x, m, args.steps, args.width, args.supervision, args.flat, args.batch, args.seed)
         print(f"trained in {time.perf_counter() - start:.0f} s\n")
+        if args.save:
+            torch.save(net.state_dict(), args.save)
         print("| source | finder alone: benign vs normal (95% CI) | the run as it is | run, stacked | run + finder, stacked |")
         print("|---|---|---|---|---|")
         for spec in args.eval:
