@@ -105,17 +105,12 @@ def split(args, cfg, labels, patient_ids, fold: int) -> tuple[np.ndarray, np.nda
 def run_fold(cfg, images, labels, train_idx, test_idx, seed, running_bn, tmp, masks=None, known=None) -> list[dict]:
     """Train one fold of ``cfg.train.epochs``; after every epoch, the (unaugmented) training
     accuracy and the held-out probabilities ``(len(test_idx), 3)``."""
-    from lung_effnet.models.factory import resolve_weights
-    from lung_effnet.models.predictor import build_member
+    from lung_effnet.training.cv import initial_member
     from lung_effnet.training.fold import FoldData, FoldTrainer, predict_proba
 
     y = torch.from_numpy(labels)
     torch.manual_seed(seed)
-    model = build_member(cfg)
-    if cfg.model.pretrained_weights:
-        from lung_effnet.models.factory import load_pretrained
-
-        load_pretrained(model, resolve_weights(cfg.model.pretrained_weights), images.shape[1])
+    model = initial_member(cfg)  # as train starts a fold: lesion finder and pretrained weights as configured
     data = FoldData(images[train_idx], y[train_idx], images[:0], y[:0], None if masks is None else masks[train_idx],
                     None if known is None else known[train_idx])
     trainer = FoldTrainer(model, data, cfg, os.path.join(tmp, f"fold{seed}"), seed)

@@ -19,7 +19,7 @@ Supervision: ``masks`` (default; dense loss on 32 x 32 crops, half of them on a 
 5x) or ``slice`` (multiple-instance: the map's smooth maximum against "this slice holds a lesion", whole
 slices, no masks: what a study without masks could train). ``--flat P``: with probability P a training
 crop's context channels all repeat its centre slice, as they do for a 2D source (a JPG has no neighbours).
-``--save F`` keeps the finder's weights (``finder_channel_prototype.patch`` reads them from ``LE_FINDER``).
+``--save F`` keeps the finder's weights (folded, as ``pretrain`` writes them: a ``model.lesion_finder`` file).
 
     lung-effnet synth PRE --format nifti --patients 480 --seed 1000 --size 512 --slices 6
     python benchmarks/lesion_finder_probe.py --train PRE --eval DEMO0@RUN0 --eval FAMILY/manifest.csv@RUNB
@@ -28,6 +28,7 @@ crop's context channels all repeat its centre slice, as they do for a 2D source 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -40,19 +41,11 @@ from sklearn.model_selection import GroupKFold
 from torch import nn
 
 from lung_effnet.classes import CLASSES
+from lung_effnet.models.lesion_finder import finder_network
+from lung_effnet.training.finder_training import augment_crops, train_lesion_finder
 from lung_effnet.training.metrics import bootstrap_ci, classification_metrics
 
 BENIGN, MALIGNANT, NORMAL = (CLASSES.index(c) for c in ("benign", "malignant", "normal"))
-CROP = 32  # px, training crops of the ``masks`` supervision
-POS_WEIGHT = 5.0  # lesion pixels are ~1% of a crop even when it is centred on one
-
-
-def finder(in_channels: int, width: int) -> nn.Sequential:
-    """``(B, C, S, S)`` -> ``(B, 1, S, S)`` lesion logits; stride 1, dilations 1, 1, 2, 4, 8, 1."""
-    def block(ci: int, co: int, d: int) -> nn.Sequential:
-        return nn.Sequential(nn.Conv2d(ci, co, 3, padding=d, dilation=d), nn.BatchNorm2d(co), nn.ReLU())
-    return nn.Sequential(block(in_channels, width // 2, 1), block(width // 2, width, 1), block(width, width, 2),
-                         block(width, width, 4), block(width, width, 8), block(width, width, 1), nn.Conv2d(width, 1, 1))
 
 
 def samples_of(source: Path, cfg, work: Path):
@@ -63,30 +56,16 @@ def samples_of(source: Path, cfg, work: Path):
     return samples
 
 
-def crops(x: torch.Tensor, m: torch.Tensor, rows: np.ndarray, on_lesion: int, rng) -> tuple[torch.Tensor, torch.Tensor]:
-    """``CROP`` px crops of rows ``rows``: the first ``on_lesion`` around a random lesion pixel (jittered by up to a
-    quarter crop), the rest anywhere."""
-    size = x.shape[-1]
-    xs, ms = [], []
-    for j, i in enumerate(rows):
-        if j < on_lesion:
-            ys, xs_ = torch.nonzero(m[i, 0], as_tuple=True)
-            k = int(rng.integers(len(ys)))
-            a, b = (int(c[k]) + int(rng.integers(-CROP // 4, CROP // 4 + 1)) for c in (ys, xs_))
-        else:
-            a, b = (int(v) for v in rng.integers(size, size=2))
-        a0, b0 = (int(np.clip(v - CROP // 2, 0, size - CROP)) for v in (a, b))
-        xs.append(x[i, :, a0:a0 + CROP, b0:b0 + CROP])
-        ms.append(m[i, :, a0:a0 + CROP, b0:b0 + CROP])
-    return torch.stack(xs), torch.stack(ms)
-
-
 def train_finder(x: torch.Tensor, m: torch.Tensor, steps: int, width: int, supervision: str, flat: float,
                  batch: int, seed: int) -> nn.Module:
-    """x: ``(N, C, S, S)`` inputs in [0, 1]; m: ``(N, 1, S, S)`` lesion masks (0/1)."""
+    """x: ``(N, C, S, S)`` inputs in [0, 1]; m: ``(N, 1, S, S)`` lesion masks (0/1). ``masks``: the package's own
+    trainer (``train_lesion_finder``, what ``pretrain`` runs); ``slice``: the same network and augmentation on
+    whole slices, its map's smooth maximum against "this slice holds a lesion"."""
+    if supervision == "masks":
+        return train_lesion_finder(x, m, steps, batch, flat, seed, width=width, progress=True)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    net = finder(x.shape[1], width)
+    net = finder_network(x.shape[1], width)
     opt = torch.optim.AdamW(net.parameters(), 2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=steps)
     has_lesion = m.flatten(1).amax(1) > 0
@@ -94,30 +73,10 @@ def train_finder(x: torch.Tensor, m: torch.Tensor, steps: int, width: int, super
     start = time.perf_counter()
     for step in range(steps):
         rows = np.concatenate([rng.choice(lesion, batch // 2), rng.choice(other, batch - batch // 2)])
-        if supervision == "masks":
-            xb, mb = crops(x, m, rows, batch // 2, rng)
-        else:
-            xb, mb = x[rows], m[rows]
-        if rng.random() < 0.5:
-            xb, mb = xb.flip(3), mb.flip(3)
-        if rng.random() < 0.5:
-            xb, mb = xb.flip(2), mb.flip(2)
-        k = int(rng.integers(4))
-        xb, mb = xb.rot90(k, (2, 3)).clone(), mb.rot90(k, (2, 3))
-        if flat > 0:
-            pick = torch.rand(len(xb)) < flat
-            centre = xb.shape[1] // 2
-            xb[pick] = xb[pick][:, centre:centre + 1].expand(-1, xb.shape[1], -1, -1)
-        # grey-level scale and offset per image, and pixel noise, as the training augmentation does
-        n = len(xb)
-        xb = xb * (1 + 0.1 * torch.randn(n, 1, 1, 1)) + 0.05 * torch.randn(n, 1, 1, 1) + 0.02 * torch.randn_like(xb)
-        logits = net(xb)
-        if supervision == "masks":
-            loss = F.binary_cross_entropy_with_logits(logits, mb, pos_weight=torch.tensor(POS_WEIGHT))
-        else:  # smooth maximum over the map (log-sum-exp at temperature 1/4) against "has a lesion"
-            flat_logits = logits.flatten(1)
-            score = (torch.logsumexp(4 * flat_logits, 1) - np.log(flat_logits.shape[1])) / 4
-            loss = F.binary_cross_entropy_with_logits(score, (mb.flatten(1).amax(1) > 0).float())
+        xb, mb = augment_crops(x[rows], m[rows], flat, rng)
+        flat_logits = net(xb).flatten(1)  # smooth maximum over the map (log-sum-exp at temperature 1/4)
+        score = (torch.logsumexp(4 * flat_logits, 1) - np.log(flat_logits.shape[1])) / 4
+        loss = F.binary_cross_entropy_with_logits(score, (mb.flatten(1).amax(1) > 0).float())
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -184,7 +143,10 @@ def evaluate(net: nn.Module, spec: str, cfg, work: Path) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--train", type=Path, required=True, help="a phantom set with lesion masks (folder with labels.csv)")
+    source = ap.add_mutually_exclusive_group(required=True)
+    source.add_argument("--train", type=Path, help="a phantom set with lesion masks (folder with labels.csv)")
+    source.add_argument("--load", metavar="FINDER", help="score with a finder file instead (a model.lesion_finder "
+                                                         "value: builtin:<name> or a path, e.g. pretrain's lesion_finder.pt)")
     ap.add_argument("--eval", action="append", required=True, metavar="SOURCE[@RUN]",
                     help="a source to score (folder or manifest CSV), optionally with a finished train run of it")
     ap.add_argument("--config", default="demo_cpu", help="the preprocessing settings (default: demo_cpu)")
@@ -196,7 +158,7 @@ def main() -> None:
     ap.add_argument("--flat", type=float, default=0.0, help="share of training crops given a 2D source's flat context")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--save", type=Path, help="write the trained finder's state dict here (finder_channel_prototype.patch reads it)")
+    ap.add_argument("--save", type=Path, help="write the trained finder's state dict here (a model.lesion_finder file)")
     args = ap.parse_args()
     from lung_effnet.config import load_config
 
@@ -204,23 +166,39 @@ def main() -> None:
     cfg = load_config(args.config, args.set)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        pre = samples_of(args.train, cfg, work / "train")
-        known = pre.mask_known if pre.mask_known is not None else np.zeros(len(pre.labels), bool)
-        if not np.asarray(known).any():
-            raise SystemExit(f"{args.train}: no lesion masks (mask_path) to learn from")
-        rows = torch.from_numpy(np.flatnonzero(np.asarray(known)))
-        x, m = pre.images[rows].float(), pre.masks[rows].float()
-        print(f"training the finder on {len(rows)} slices of {args.train} ({int((m.flatten(1).amax(1) > 0).sum())} with "
-              f"a lesion), {cfg.data.image_size} px, supervision {args.supervision}, {args.steps} steps", flush=True)
-        start = time.perf_counter()
-        net = train_finder(x, m, args.steps, args.width, args.supervision, args.flat, args.batch, args.seed)
-        print(f"trained in {time.perf_counter() - start:.0f} s\n")
-        if args.save:
-            torch.save(net.state_dict(), args.save)
+        net = load_finder_file(args.load, cfg) if args.load else trained_finder(args, cfg, work)
         print("| source | finder alone: benign vs normal (95% CI) | the run as it is | run, stacked | run + finder, stacked |")
         print("|---|---|---|---|---|")
         for spec in args.eval:
             print(evaluate(net, spec, cfg, work), flush=True)
+
+
+def load_finder_file(name: str, cfg) -> nn.Module:
+    """The finder in a ``model.lesion_finder`` file, as a fold model of ``cfg`` would hold it."""
+    from lung_effnet.models.lesion_finder import finder_of, load_finder
+    from lung_effnet.models.predictor import build_member
+
+    member = build_member(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, lesion_finder=name)))
+    load_finder(member, name)
+    return finder_of(member).eval()
+
+
+def trained_finder(args, cfg, work: Path) -> nn.Module:
+    """A finder trained on ``args.train``'s masks as ``args`` say (saved to ``args.save`` when given)."""
+    pre = samples_of(args.train, cfg, work / "train")
+    known = pre.mask_known if pre.mask_known is not None else np.zeros(len(pre.labels), bool)
+    if not np.asarray(known).any():
+        raise SystemExit(f"{args.train}: no lesion masks (mask_path) to learn from")
+    rows = torch.from_numpy(np.flatnonzero(np.asarray(known)))
+    x, m = pre.images[rows].float(), pre.masks[rows].float()
+    print(f"training the finder on {len(rows)} slices of {args.train} ({int((m.flatten(1).amax(1) > 0).sum())} with "
+          f"a lesion), {cfg.data.image_size} px, supervision {args.supervision}, {args.steps} steps", flush=True)
+    start = time.perf_counter()
+    net = train_finder(x, m, args.steps, args.width, args.supervision, args.flat, args.batch, args.seed)
+    print(f"trained in {time.perf_counter() - start:.0f} s\n")
+    if args.save:
+        torch.save(net.state_dict(), args.save)
+    return net
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import tempfile
@@ -90,9 +91,8 @@ def from_run(run: Path, by_size: bool) -> None:
 
 def from_weights(weights: str, data: Path, labels: Path | None, overrides: list[str]) -> None:
     from lung_effnet.config import from_dict, load_config, parse_override
-    from lung_effnet.models.factory import load_pretrained, resolve_weights
-    from lung_effnet.models.predictor import build_member
-    from lung_effnet.training.cv import prepare_samples
+    from lung_effnet.models.weight_files import resolve_weights
+    from lung_effnet.training.cv import initial_member, prepare_samples
 
     # the settings the weights were pretrained under (pretrain.json beside them, or the built-in's .json), then --set
     resolved = resolve_weights(weights)
@@ -107,8 +107,8 @@ def from_weights(weights: str, data: Path, labels: Path | None, overrides: list[
             section, name = key.split(".")
             raw[section][name] = value
         cfg = from_dict(raw)
-    model = build_member(cfg)
-    load_pretrained(model, weights, 2 * cfg.data.context_slices + 1)
+    # as train starts a fold: the finder the weights were pretrained with (pretrain.json's model.lesion_finder), then them
+    model = initial_member(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained_weights=weights)))
     model.eval()
     with tempfile.TemporaryDirectory() as work:
         samples, _ = prepare_samples(data, Path(work), cfg, labels, False)

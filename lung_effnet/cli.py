@@ -124,17 +124,22 @@ def _add_pretrain(sub) -> None:
     p = sub.add_parser(
         "pretrain", parents=[_common()], help="train an initialisation on synthetic phantoms, for train to start from",
         description="Write --patients synthetic chest-CT phantoms (512 px, lesion masks), preprocess them as the "
-                    "config says, train one model from scratch on all of them and save OUT/weights.pt and "
-                    "OUT/pretrain.json, tracked in MLflow (experiment <tracking.experiment>-pretrain). Point "
-                    "model.pretrained_weights at OUT/weights.pt to start train from it. The package ships the "
+                    "config says, train a lesion finder from their masks (OUT/lesion_finder.pt; unless "
+                    "model.lesion_finder is null), then one model from scratch on all of them, reading the "
+                    "finder's map, and save OUT/weights.pt and OUT/pretrain.json, tracked in MLflow (experiment "
+                    "<tracking.experiment>-pretrain). Point model.lesion_finder at OUT/lesion_finder.pt and "
+                    "model.pretrained_weights at OUT/weights.pt to start train from them. The package ships the "
                     "result of 'lung-effnet pretrain --config demo_cpu --set model.pretrained_weights=null --set train.lr=0.001 "
-                    "--set train.epochs=12' as "
-                    "builtin:phantom-b0-96px-2.5d (benchmarks/RESULTS.md). About 12 minutes on 2 CPU cores.")
+                    "--set train.epochs=12' as builtin:phantom-finder-96px-2.5d and builtin:phantom-b0-96px-2.5d-finder "
+                    "(benchmarks/RESULTS.md). About 13 minutes on 2 CPU cores.")
     p.add_argument("--out", type=Path, required=True, help="output folder (created; a second run resumes it)")
     p.add_argument("--config", default="demo_cpu", help="YAML config or a name in configs/ (default: demo_cpu): "
                                                         "its data settings must be those train will use")
     p.add_argument("--patients", type=int, default=480, help="synthetic patients (default: 480)")
     p.add_argument("--seed", type=int, default=1000, help="phantom seed (default: 1000; the demo uses 0)")
+    p.add_argument("--finder-steps", type=int, default=3000,
+                   help="training batches of the lesion finder (default: 3000, about 3 minutes on 2 CPU cores); "
+                        "with --set model.lesion_finder=null no finder is trained")
     _add_overrides_and_tracking(p)
 
 
@@ -340,11 +345,14 @@ def cmd_pretrain(args) -> int:
     if args.patients < 6:
         raise UsageError(f"--patients: must be >= 6, got {args.patients}")
     cfg = load_config(args.config, args.overrides)
+    if args.finder_steps < 1:
+        raise UsageError(f"--finder-steps: must be >= 1, got {args.finder_steps}")
     summary = run_pretrain(args.out, cfg, n_patients=args.patients, seed=args.seed, tracking_uri=args.tracking_uri,
-                           progress=not args.quiet)
+                           progress=not args.quiet, finder_steps=args.finder_steps)
     print(f"pretrained on {summary['slices']} slices of {summary['patients']} phantom patients in "
           f"{summary['seconds']:.0f} s: {summary['weights']}")
-    print(f"Start train from it with --set model.pretrained_weights={summary['weights']}")
+    finder = f" --set model.lesion_finder={summary['lesion_finder']}" if summary.get("lesion_finder") else ""
+    print(f"Start train from it with --set model.pretrained_weights={summary['weights']}{finder}")
     return 0
 
 

@@ -70,7 +70,8 @@ class AugmentConfig:
 @dataclass
 class ModelConfig:
     name: str = "efficientnet-b0"
-    pretrained_weights: str | None = "builtin:phantom-b0-96px-2.5d"  # local state dict (MONAI naming), builtin:<name>, or None (from scratch)
+    pretrained_weights: str | None = "builtin:phantom-b0-96px-2.5d-finder"  # local state dict (MONAI naming), builtin:<name>, or None (from scratch)
+    lesion_finder: str | None = "builtin:phantom-finder-96px-2.5d"  # frozen lesion finder whose map is one more input channel (lung_effnet.models.lesion_finder): builtin:<name>, a file from `pretrain`, or None
     dropout: float | None = None           # before the head; None: the variant's default
     drop_connect: float = 0.2
     pooling: str = "avg"                   # global pooling before the head: "avg" (EfficientNet's) or "max" (lesion anywhere)
@@ -231,6 +232,7 @@ RULES: dict[str, Range | OneOf | Text] = {
     "augment.mixup_alpha": NON_NEGATIVE,
     "model.name": OneOf(tuple(f"efficientnet-b{i}" for i in range(8))),
     "model.pretrained_weights": Text(nonempty=True),
+    "model.lesion_finder": Text(nonempty=True),
     "model.dropout": FRACTION,
     "model.drop_connect": FRACTION,
     "model.pooling": OneOf(("avg", "max")),

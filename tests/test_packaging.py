@@ -67,7 +67,7 @@ def test_wheel_holds_the_package_and_its_configs_not_the_scripts(installed):
 def test_installed_cli_and_named_config_work_outside_the_checkout(installed, tmp_path):
     out = _run(installed, str(installed / "bin" / "lung-effnet"), "demo", "--help", cwd=tmp_path)
     assert "--seed" in out
-    code = ("import lung_effnet, lung_effnet.config as c; from lung_effnet.models.factory import resolve_weights; "
+    code = ("import lung_effnet, lung_effnet.config as c; from lung_effnet.models.weight_files import resolve_weights; "
             "cfg = c.load_config('demo_cpu'); print(lung_effnet.__file__); print(cfg.model.pretrained_weights); "
             "print(resolve_weights(cfg.model.pretrained_weights).is_file())")
     lines = _run(installed, str(installed / "bin" / "python"), "-c", code, cwd=tmp_path).split()

@@ -28,6 +28,13 @@ put Grad-CAM's maximum on the lesion no more often than a random point (pointing
 0.06), while ``_blocks.3`` hit 0.52 with 4.6 x the lesion's share of the map's energy. The same
 stage exists in every EfficientNet variant (b0..b7 have 7 stages). ``_swish`` must not be used: one
 module instance serves both the stem and the head, so its hooks fire twice.
+
+A member that reads a lesion finder's map (``models.lesion_finder``) is read at the first stage,
+``FINDER_TARGET_LAYER`` (``_blocks.0``, stride 2): the map enters at full resolution and the network
+uses it early. Measured with ``benchmarks/saliency_layers.py`` on the demo's seeds 0-2 (chosen there)
+and confirmed on seed 3: malignant pointing 0.64-0.79 and benign 0.48-0.71 at ``_blocks.0``, against
+0.21-0.48 / 0.14-0.29 at ``_blocks.2`` and 0.46-0.78 / 0.67-0.79 at ``_blocks.1`` (chance 0.04 / 0.02;
+RESULTS.md, "Thirteenth session").
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from torch import nn
 
 METHODS: dict[str, type[GradCAM]] = {"gradcam": GradCAM, "gradcampp": GradCAMpp}
 DEFAULT_TARGET_LAYER = "_blocks.3"  # stride 16: see the module docstring
+FINDER_TARGET_LAYER = "_blocks.0"  # stride 2, for members with a lesion finder: see the module docstring
 LAYER_ALIASES = ("last_block",)
 """``last_block``: the last MBConv block of an EfficientNet (``_blocks.6.15`` in b0)."""
 
@@ -83,10 +91,13 @@ def members_of(model: nn.Module) -> list[nn.Module]:
 
 
 def resolve_target_layer(model: nn.Module, target_layer: str | None = None) -> str:
-    """The module name to hook in ``model`` (a single member): ``None`` -> ``DEFAULT_TARGET_LAYER``;
-    ``"last_block"`` -> the last MBConv block. Raises ``ValueError`` for a name the model lacks."""
+    """The module name to hook in ``model`` (a single member): ``None`` -> ``DEFAULT_TARGET_LAYER``
+    (``FINDER_TARGET_LAYER`` for a member with a lesion finder); ``"last_block"`` -> the last MBConv block.
+    Raises ``ValueError`` for a name the model lacks."""
+    from lung_effnet.models.lesion_finder import has_finder
+
     names = [name for name, _ in model.named_modules()]
-    name = target_layer or DEFAULT_TARGET_LAYER
+    name = target_layer or (FINDER_TARGET_LAYER if has_finder(model) else DEFAULT_TARGET_LAYER)
     if name == "last_block":
         blocks = [n for n in names if n.startswith("_blocks.") and n.count(".") == 2]
         if not blocks:
@@ -157,7 +168,7 @@ def grad_cam(model: nn.Module, images, target_layer: str | None = None, class_id
         model: a fold model (``(B, C, H, W)`` -> ``(B, 3)`` logits), or a ``FoldEnsemble`` (any module
             with ``.members``), explained as the mean of its members' maps.
         images: ``(B, C, H, W)`` float tensor or array, preprocessed as for the model ([0, 1]).
-        target_layer: module name in a member (default ``DEFAULT_TARGET_LAYER``), or ``"last_block"``.
+        target_layer: module name in a member (default: `resolve_target_layer`'s), or ``"last_block"``.
         class_idx: ``None`` (each image's predicted class; for an ensemble, the ensemble's), an int
             for all images, or a ``(B,)`` sequence of class indices.
         method: ``"gradcam"`` or ``"gradcampp"``.

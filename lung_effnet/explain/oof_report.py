@@ -127,7 +127,7 @@ def faithfulness_checks(run: TrainedRun, method: str = "gradcam", target_layer: 
     size = images.shape[-1] if len(images) else run.config.data.image_size
     grid = _feature_grid(run, size, target_layer)
     return {
-        "method": method, "target_layer": target_layer or _default_layer(), "n_cases": len(sample),
+        "method": method, "target_layer": _layer_name(run, target_layer), "n_cases": len(sample),
         "randomization": randomization_summary(np.array(rhos, dtype=float)) | {"rhos": rhos},
         "localization": localization(maps, masks, labels) if with_mask else {},
         "pointing_margin_px": margin_px((size, size), POINTING_MARGIN),
@@ -139,10 +139,11 @@ def faithfulness_checks(run: TrainedRun, method: str = "gradcam", target_layer: 
     }
 
 
-def _default_layer() -> str:
-    from lung_effnet.explain.gradcam import DEFAULT_TARGET_LAYER
+def _layer_name(run: TrainedRun, target_layer: str | None) -> str:
+    """The module the maps were read at (the members' default when ``target_layer`` is None)."""
+    from lung_effnet.explain.gradcam import members_of, resolve_target_layer
 
-    return DEFAULT_TARGET_LAYER
+    return resolve_target_layer(members_of(run.predictor.model)[0], target_layer)
 
 
 def _feature_grid(run: TrainedRun, size: int, target_layer: str | None) -> int:

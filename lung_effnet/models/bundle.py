@@ -65,12 +65,15 @@ class EnsembleNetwork(FoldEnsemble):
     output ``(B, 3)`` float32 probabilities (mean of the folds' softmax), in ``CLASSES`` order.
     """
 
-    def __init__(self, model_name: str, in_channels: int, n_folds: int, pooling: str = "avg"):
+    def __init__(self, model_name: str, in_channels: int, n_folds: int, pooling: str = "avg", lesion_finder: bool = False):
         if in_channels not in (1, 3):
             raise InputError(f"in_channels must be 1 or 3 (context_slices 0 or 1), got {in_channels!r}")
         if not isinstance(n_folds, int) or n_folds < 1:
             raise InputError(f"n_folds must be a positive integer, got {n_folds!r}")
-        cfg = from_dict({"model": {"name": model_name, "pooling": pooling},
+        # lesion_finder: each member holds a finder (models.lesion_finder) whose weights are in models/model.pt;
+        # the config value only says that it has one (no file is read)
+        cfg = from_dict({"model": {"name": model_name, "pooling": pooling,
+                                   "lesion_finder": "models/model.pt" if lesion_finder else None},
                          "data": {"context_slices": (in_channels - 1) // 2}})
         super().__init__([build_member(cfg) for _ in range(n_folds)])
 
@@ -215,7 +218,7 @@ def export_bundle(model: str | Path, out: str | Path, version: str = "0.1.0", au
     out = _prepare_out(Path(out))
     channels, size = 2 * cfg.data.context_slices + 1, cfg.data.image_size
     spec: dict[str, Any] = {"model_name": cfg.model.name, "in_channels": channels, "n_folds": len(ensemble.members),
-                            "pooling": cfg.model.pooling}
+                            "pooling": cfg.model.pooling, "lesion_finder": cfg.model.lesion_finder is not None}
     (out / "models").mkdir(parents=True, exist_ok=True)
     torch.save({k: v.detach().cpu().contiguous() for k, v in ensemble.state_dict().items()}, out / "models" / "model.pt")
     network = load_ensemble_weights(EnsembleNetwork(**spec), out / "models" / "model.pt")
@@ -352,7 +355,9 @@ def bundle_metadata(cfg: Config, spec: dict, *, version: str, authors: str | Non
                         f"by lung-effnet under patient-grouped cross-validation. Input (B, {channels}, {size}, {size}) float32 "
                         "in [0, 1]: the slice in HU windowed to [0, 1], cropped to the lungs, padded square and resized "
                         "(configs/inference.json runs this preprocessing on DICOM slices and 2D images); output (B, 3) "
-                        "probabilities of benign, malignant, normal."),
+                        "probabilities of benign, malignant, normal."
+                        + (" Each fold model also reads the map of a frozen lesion finder (a small convolutional network "
+                           "inside it, weights in models/model.pt) as one more channel." if spec.get("lesion_finder") else "")),
         "authors": authors or "not recorded: set with lung-effnet export-bundle --authors",
         "copyright": f"Copyright (c) {authors}" if authors else "not recorded: set with lung-effnet export-bundle --authors",
         "intended_use": INTENDED_USE,

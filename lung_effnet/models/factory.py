@@ -23,6 +23,8 @@ from monai.networks.nets.efficientnet import EfficientNet, EfficientNetBN, MBCon
 from torch import nn
 
 from lung_effnet.errors import ConfigError, InputError, MissingInputError
+from lung_effnet.models.lesion_finder import FINDER_KEY_PREFIX, has_finder
+from lung_effnet.models.weight_files import load_failure, resolve_weights
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +62,8 @@ def create_model(
 
     Args:
         name: one of `MODEL_NAMES`.
-        in_channels: 1 (a CT slice) or 3 (RGB, or three windows stacked as channels).
+        in_channels: 1 (a CT slice), 3 (2.5D: a slice and its neighbours, or RGB), plus 1 for a lesion
+            finder's map (``models.lesion_finder``).
         num_classes: size of the output, 3 for benign / malignant / normal.
         dropout: dropout rate before the final linear layer; None keeps the variant's default
             (0.2 for b0/b1 ... 0.5 for b6/b7; the Lung-EffNet paper used 0.5).
@@ -78,8 +81,8 @@ def create_model(
         ValueError: unknown name, or a parameter out of range.
     """
     _, _, _, default_dropout, _ = _params(name)
-    if in_channels not in (1, 3):
-        raise ValueError(f"in_channels must be 1 or 3, got {in_channels!r}")
+    if not isinstance(in_channels, int) or isinstance(in_channels, bool) or in_channels < 1:
+        raise ValueError(f"in_channels must be a positive integer, got {in_channels!r}")
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
     dropout = default_dropout if dropout is None else dropout
@@ -123,29 +126,6 @@ def set_drop_connect(model: nn.Module, rate: float) -> None:
     cast(EfficientNet, model).drop_connect_rate = float(rate)  # a plain attribute, not a Module or Tensor
 
 
-BUILTIN_PREFIX = "builtin:"
-BUILTIN_DIR = Path(__file__).parent / "weights"
-"""Weights that ship with the package, named ``builtin:<name>`` in a config (``<name>.pt`` here):
-made by ``lung-effnet pretrain`` on synthetic phantoms (benchmarks/RESULTS.md), never downloaded."""
-
-
-def resolve_weights(name_or_path: str | Path) -> Path:
-    """The file a ``model.pretrained_weights`` setting names: ``builtin:<name>`` (shipped with the
-    package), or a local path.
-
-    Raises:
-        ConfigError: no such built-in name (a local path is returned as it is; callers check it exists).
-    """
-    text = str(name_or_path)
-    if not text.startswith(BUILTIN_PREFIX):
-        return Path(text).expanduser()
-    path = BUILTIN_DIR / f"{text[len(BUILTIN_PREFIX):]}.pt"
-    if not path.is_file():
-        known = ", ".join(BUILTIN_PREFIX + p.stem for p in sorted(BUILTIN_DIR.glob("*.pt"))) or "none"
-        raise ConfigError(f"model.pretrained_weights: no built-in weights {text!r} (built in: {known})")
-    return path
-
-
 def load_pretrained(model: nn.Module, path: str | Path, in_channels: int) -> dict:
     """Load a local ImageNet state dict (MONAI EfficientNetBN naming) into ``model``, in place.
 
@@ -154,6 +134,10 @@ def load_pretrained(model: nn.Module, path: str | Path, in_channels: int) -> dic
 
     - A 3-channel stem going into a 1-channel model is adapted by summing the RGB filters: the grey
       image ``x`` then gives exactly the stem response the RGB model gives to ``x`` repeated 3 times.
+    - A model with a lesion finder (``models.lesion_finder``) takes the file's stem for its image channels
+      and zero filters for the finder's map: it starts as exactly the network in the file, and learns
+      what the map means in training. The finder itself comes from ``model.lesion_finder``, not from
+      this file (any finder tensors in it are left out, and said so).
     - The ``_fc`` head is skipped when its shape differs (1000 ImageNet classes vs 3) or it is absent.
     - Any other missing, unexpected or mismatched key is an error (BatchNorm ``num_batches_tracked``
       counters may be absent: they are bookkeeping, not weights).
@@ -161,10 +145,11 @@ def load_pretrained(model: nn.Module, path: str | Path, in_channels: int) -> dic
     Args:
         model: a model from `create_model` (or any MONAI EfficientNetBN, 2D).
         path: the weights file, or ``builtin:<name>`` (``resolve_weights``).
-        in_channels: the model's input channels (1 or 3); must match its stem.
+        in_channels: the model's image channels (1 or 3); with a lesion finder its stem takes one more.
 
     Returns:
-        ``{"adapted_stem": bool, "skipped": [keys], "loaded": n_tensors, "path": str, "key_format": str}``.
+        ``{"adapted_stem": bool, "map_channel_added": bool, "skipped": [keys], "loaded": n_tensors, "path": str,
+        "key_format": str, "finder_keys_left_out": n}``.
 
     Raises:
         FileNotFoundError: no such file.
@@ -174,17 +159,32 @@ def load_pretrained(model: nn.Module, path: str | Path, in_channels: int) -> dic
     path = resolve_weights(path)
     if not _is_file(path):
         raise MissingInputError(f"pretrained weights file not found: {path}")
+    finder = has_finder(model)
     model_in = cast(nn.Conv2d, model._conv_stem).in_channels  # __getattr__ is typed Tensor | Module
-    if in_channels != model_in:
-        raise ValueError(f"in_channels={in_channels} but the model's stem takes {model_in} channels")
-    target = model.state_dict()
+    if in_channels + finder != model_in:
+        raise ValueError(f"in_channels={in_channels}{' + 1 (the lesion map)' if finder else ''} but the model's "
+                         f"stem takes {model_in} channels")
+    target = {k: v for k, v in model.state_dict().items() if not k.startswith(FINDER_KEY_PREFIX)}
     source, key_format = _read_state_dict(path, target)
+    finder_keys = [k for k in source if k.startswith(FINDER_KEY_PREFIX)]
+    for key in finder_keys:  # a fold model's file: its finder is not this model's (model.lesion_finder is)
+        source.pop(key)
 
-    adapted_stem = False
+    adapted_stem = map_channel_added = False
     stem = source.get(_STEM)
-    if stem is not None and stem.ndim == 4 and stem.shape[1] == 3 and in_channels == 1:
-        source[_STEM] = stem.sum(dim=1, keepdim=True)
-        adapted_stem = True
+    if stem is not None and stem.ndim == 4:
+        # image channels are 1 or 3 (2 * context_slices + 1): an even count is the image's plus a finder's map
+        has_map = stem.shape[1] % 2 == 0
+        image, lesion_map = stem[:, :stem.shape[1] - has_map], stem[:, stem.shape[1] - has_map:]
+        if image.shape[1] == 3 and in_channels == 1:
+            image, adapted_stem = image.sum(dim=1, keepdim=True), True
+        if has_map and not finder:
+            raise InputError(f"{path} was pretrained reading a lesion finder's map (its stem takes one channel more "
+                             "than the image's): set model.lesion_finder to that finder, or use "
+                             "builtin:phantom-b0-96px-2.5d")
+        if finder and not has_map:
+            lesion_map, map_channel_added = torch.zeros_like(image[:, :1]), True
+        source[_STEM] = torch.cat([image, lesion_map], dim=1) if finder else image
 
     skipped = []
     for key in _HEAD:
@@ -194,11 +194,14 @@ def load_pretrained(model: nn.Module, path: str | Path, in_channels: int) -> dic
 
     _check_keys(source, target, set(skipped), path)
     model.load_state_dict(source, strict=False)  # strictness checked above, with better messages
-    report = {"adapted_stem": adapted_stem, "skipped": skipped, "loaded": len(source), "path": str(path),
-              "key_format": key_format}
-    log.info("loaded %d tensors from %s%s%s", len(source), path,
+    report = {"adapted_stem": adapted_stem, "map_channel_added": map_channel_added, "skipped": skipped,
+              "loaded": len(source), "path": str(path), "key_format": key_format, "finder_keys_left_out": len(finder_keys)}
+    log.info("loaded %d tensors from %s%s%s%s%s", len(source), path,
              "; stem adapted from 3 channels to 1 by summing the RGB filters" if adapted_stem else "",
-             f"; skipped (new, randomly initialised): {', '.join(skipped)}" if skipped else "")
+             "; the lesion map's stem filters start at zero" if map_channel_added else "",
+             f"; skipped (new, randomly initialised): {', '.join(skipped)}" if skipped else "",
+             f"; its {len(finder_keys)} lesion finder tensors left out (model.lesion_finder gives the finder)"
+             if finder_keys else "")
     return report
 
 
@@ -223,18 +226,6 @@ def check_weights(name_or_path: str | Path) -> Path:
         raise ConfigError(f"model.pretrained_weights: file not found: {path}")
     _load_state(path)
     return path
-
-
-def load_failure(exc: BaseException) -> str:
-    """Why ``torch.load(..., weights_only=True)`` refused a file, in a few words (torch's own message is a
-    paragraph that suggests ``weights_only=False``, which would run whatever code the file holds)."""
-    text = str(exc)
-    if "unsupported GLOBAL" in text:
-        return "it holds Python objects, not only tensors: refused unread"
-    if "Weights only load failed" in text:
-        return "not a file of tensors saved by torch.save"
-    first = text.strip().splitlines()[0][:200] if text.strip() else ""
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 def _load_state(path: Path) -> dict:

@@ -26,8 +26,10 @@ from torch import nn
 from lung_effnet.classes import CLASSES
 from lung_effnet.config import Config, DataConfig, from_dict
 from lung_effnet.errors import InputError, LungEffNetError, MissingInputError
-from lung_effnet.models.factory import create_model, load_failure
+from lung_effnet.models.factory import create_model
+from lung_effnet.models.lesion_finder import attach_finder
 from lung_effnet.models.training_data import TrainingOverlap
+from lung_effnet.models.weight_files import load_failure
 from lung_effnet.version import __version__
 
 
@@ -57,9 +59,16 @@ def build_member(cfg: Config) -> nn.Module:
     ``model.pooling: max`` replaces the global average pool by a global max pool: a slice is
     "lesion" if any place in it looks like one, where averaging dilutes a 3-pixel nodule into
     the whole slice (multiple-instance view; on small from-scratch data it is what learns).
+    ``model.lesion_finder`` set: the member reads the frozen finder's lesion map as one more channel
+    (``models.lesion_finder``); its weights come from that file at training start (``load_finder``),
+    and from the fold's own state dict afterwards.
     """
-    model = create_model(cfg.model.name, in_channels=2 * cfg.data.context_slices + 1, num_classes=len(CLASSES),
+    channels = 2 * cfg.data.context_slices + 1
+    finder = cfg.model.lesion_finder is not None
+    model = create_model(cfg.model.name, in_channels=channels + finder, num_classes=len(CLASSES),
                          dropout=cfg.model.dropout, drop_connect=cfg.model.drop_connect)
+    if finder:
+        attach_finder(model, channels)
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.momentum = cfg.model.bn_momentum
@@ -83,6 +92,7 @@ def save_model_dir(model_dir: Path, cfg: Config, fold_states: list[dict]) -> Pat
     (model_dir / "model.json").write_text(json.dumps({
         "classes": list(CLASSES), "n_folds": len(fold_states), "model": cfg.model.name,
         "input_shape": [channels, cfg.data.image_size, cfg.data.image_size], "input_range": [0.0, 1.0],
+        "lesion_finder": cfg.model.lesion_finder,
         "output": "probabilities (mean of fold softmaxes)", "lung_effnet_version": __version__,
     }, indent=2))
     return model_dir

@@ -159,11 +159,7 @@ def run_fold(run: CVRun, fold: int, progress: bool) -> np.ndarray:
         return finished
     seed = run.cfg.seed * 1000 + fold
     torch.manual_seed(seed)
-    model = build_member(run.cfg)
-    if run.cfg.model.pretrained_weights:
-        from lung_effnet.models.factory import load_pretrained
-
-        load_pretrained(model, run.cfg.model.pretrained_weights, 2 * run.cfg.data.context_slices + 1)
+    model = initial_member(run.cfg)
     train_idx = np.flatnonzero((run.folds != fold) & (run.folds != TEST_FOLD))
     lock = distributed.on_main(lambda: claim_fold(run, fold))  # rank 0 holds it: no second process trains this fold
     try:
@@ -176,6 +172,20 @@ def run_fold(run: CVRun, fold: int, progress: bool) -> np.ndarray:
         if distributed.is_main():
             os.close(lock)
     return distributed.from_main(proba)
+
+
+def initial_member(cfg: Config) -> torch.nn.Module:
+    """A fold model as training starts it: built from ``cfg``, its lesion finder (``model.lesion_finder``)
+    and pretrained weights (``model.pretrained_weights``) loaded where the config names them."""
+    from lung_effnet.models.factory import load_pretrained
+    from lung_effnet.models.lesion_finder import load_finder
+
+    model = build_member(cfg)
+    if cfg.model.lesion_finder:
+        load_finder(model, cfg.model.lesion_finder)
+    if cfg.model.pretrained_weights:
+        load_pretrained(model, cfg.model.pretrained_weights, 2 * cfg.data.context_slices + 1)
+    return model
 
 
 def train_and_record(run: CVRun, fold: int, trainer: FoldTrainer, train_idx: np.ndarray, test_idx: np.ndarray,
@@ -339,6 +349,10 @@ def check_inputs(out: Path, cfg: Config, resume: bool) -> None:
         from lung_effnet.models.factory import check_weights
 
         check_weights(cfg.model.pretrained_weights)
+    if cfg.model.lesion_finder:
+        from lung_effnet.models.lesion_finder import read_finder_state
+
+        read_finder_state(cfg.model.lesion_finder)
 
 
 def make_folds(out: Path, cfg: Config, samples: SampleSet) -> np.ndarray:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from lung_effnet.classes import CLASSES
 from lung_effnet.config import Config
 from lung_effnet.errors import ConfigError, InputError
-from lung_effnet.models.factory import load_failure
+from lung_effnet.models.weight_files import load_failure
 from lung_effnet.training import distributed
 from lung_effnet.training.augment import augment_batch, mixup
 from lung_effnet.training.lesion_loss import LesionHead
@@ -125,9 +125,11 @@ def rank_share(n: int, rank: int, world: int) -> slice:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: Config, extra: torch.nn.Module | None = None) -> torch.optim.Optimizer:
-    """Adam(W) over the model's parameters and those of ``extra`` (the training-only lesion head)."""
+    """Adam(W) over the model's trainable parameters and those of ``extra`` (the training-only lesion head);
+    frozen ones (a lesion finder's) are left out, so weight decay cannot move them either."""
     cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
-    params = list(model.parameters()) + (list(extra.parameters()) if extra is not None else [])
+    params = [p for p in list(model.parameters()) + (list(extra.parameters()) if extra is not None else [])
+              if p.requires_grad]
     return cls(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
 
 

@@ -142,7 +142,10 @@ def test_randomization_check_passes_grad_cam_and_flags_a_model_blind_map(trained
     member = members_of(trained.predictor.model)[0]
     x, _, classes, _ = _fold_inputs(trained, 0)
     x, classes = x[:8], classes[:8]
-    result = randomization_test(member, x, classes, explainer())
+    # At _blocks.3: a 3-epoch model's maps at its first stage (the default for a finder member, _blocks.0)
+    # still follow the image's edges (median rho 0.80 here), as Adebayo et al. 2018 found for early layers;
+    # the demo's trained models pass there (median rho -0.34, benchmarks/RESULTS.md, "Thirteenth session")
+    result = randomization_test(member, x, classes, explainer("_blocks.3"))
     assert result["passed"] and abs(result["median_rho"]) < 0.5, result
     # A "saliency" that is the image itself does not change when the weights are randomized: flagged.
     blind = randomization_test(member, x, classes, lambda model, images, cls: images[:, 0].numpy())

@@ -79,7 +79,7 @@ def test_unknown_name_lists_the_valid_ones():
         native_resolution("resnet50")
 
 
-@pytest.mark.parametrize("kwargs", [{"in_channels": 2}, {"in_channels": 4}, {"num_classes": 0},
+@pytest.mark.parametrize("kwargs", [{"in_channels": 0}, {"in_channels": True}, {"num_classes": 0},
                                     {"dropout": 1.0}, {"dropout": -0.1}, {"drop_connect": 1.0}])
 def test_out_of_range_arguments_are_refused(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
@@ -177,8 +177,9 @@ def test_summed_stem_answers_a_grey_image_like_the_rgb_stem_answers_it_repeated(
 def test_three_channel_model_takes_the_stem_as_it_is(weights_file, imagenet_like):
     model = create_model(in_channels=3, num_classes=1000)
     report = load_pretrained(model, weights_file, in_channels=3)
-    assert report == {"adapted_stem": False, "skipped": [], "loaded": len(imagenet_like.state_dict()),
-                      "path": str(weights_file), "key_format": "monai"}
+    assert report == {"adapted_stem": False, "map_channel_added": False, "skipped": [],
+                      "loaded": len(imagenet_like.state_dict()), "path": str(weights_file), "key_format": "monai",
+                      "finder_keys_left_out": 0}
     assert torch.equal(model._fc.weight, imagenet_like._fc.weight)
 
 

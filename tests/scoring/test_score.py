@@ -203,7 +203,8 @@ def test_slices_are_preprocessed_as_in_training(clean_run, archive, trained, rea
         assert images.dtype == np.float16 and np.array_equal(images, expected), folder
     probs = SliceScorer(predictor, 4)(expected)
     own = [s for s in read_csv(out / "slice_scores.csv") if s["path"] == "compressed"]
-    np.testing.assert_allclose([[float(s[f"p_{c}"]) for c in CLASSES] for s in own], probs, atol=1e-6)
+    # float32 rounding only: the run scored these slices in batches of another composition (measured up to 5e-6)
+    np.testing.assert_allclose([[float(s[f"p_{c}"]) for c in CLASSES] for s in own], probs, atol=2e-5)
     assert np.ptp(probs[:, 0]) > 0.01  # the model tells these slices apart: the comparison has teeth
 
 
