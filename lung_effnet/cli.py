@@ -113,7 +113,7 @@ def _add_demo(sub) -> None:
     p = sub.add_parser("demo", parents=[_common()], help="the main job on embedded defaults: synthetic DICOM archive -> train",
                        description="Write a synthetic DICOM archive (with localizers and SRs, as real archives have) "
                                    "and train on it under 5-fold patient-grouped CV with configs/demo_cpu.yaml, "
-                                   "tracked in MLflow. Needs no data and no network; about 2 minutes on 2 CPU cores (126 s measured, benchmarks/RESULTS.md).")
+                                   "tracked in MLflow. Needs no data and no network; about 3 minutes on 2 CPU cores (162 s measured, benchmarks/RESULTS.md).")
     p.add_argument("--out", type=Path, default=Path("demo_output"), help="output folder (default: demo_output)")
     p.add_argument("--patients", type=int, default=60, help="synthetic patients (default: 60)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
