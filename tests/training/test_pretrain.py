@@ -63,3 +63,11 @@ def test_an_unknown_builtin_name_is_one_clear_line(tmp_path, capsys):
                  "--set", "model.pretrained_weights=builtin:nope"])
     err = capsys.readouterr().err
     assert code == 2 and "builtin:nope" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_missing_lesion_finder_stops_train_at_once_in_one_line(tmp_path, capsys):
+    code = main(["train", "-q", "--config", "demo_cpu", "--data", str(tmp_path), "--out", str(tmp_path / "o"),
+                 "--set", f"model.lesion_finder={tmp_path / 'nope.pt'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"model.lesion_finder: file not found: {tmp_path / 'nope.pt'}" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
