@@ -1,8 +1,9 @@
 """Batch scoring speed: ``score_archive`` against a naive loop and against raw parallel decoding.
 
 Writes one synthetic DICOM archive (``--series`` chest-CT phantoms of ``--slices`` slices at
-``--size`` px, one series per folder) and a random-weight fold ensemble (``--folds`` x
-EfficientNet-b0 at ``--image-size``; speed does not depend on the weights), then times, on the
+``--size`` px, one series per folder) and a fold ensemble (``--folds`` x EfficientNet-b0 at
+``--image-size`` as ``configs/default.yaml`` builds it, lesion finder included, with the weights
+training starts from; speed does not depend on them), then times, on the
 same files with a warm page cache (best of ``--repeats``, the methods alternating):
 
 - naive:   for each series, read it (``index_dicom_tree`` + ``load_series``), then score it slice
@@ -68,11 +69,14 @@ def write_model(out: Path, image_size: int, folds: int) -> Path:
     import torch
 
     from lung_effnet.config import load_config
-    from lung_effnet.models.predictor import build_member, save_model_dir
+    from lung_effnet.models.predictor import save_model_dir
+    from lung_effnet.training.cv import initial_member
 
     cfg = load_config(None, [f"data.image_size={image_size}"])
     torch.manual_seed(0)
-    return save_model_dir(out, cfg, [build_member(cfg).state_dict() for _ in range(folds)])
+    # as training starts each fold: the configured lesion finder (the same in every fold, as in a trained
+    # model, so scoring runs it once) and pretrained weights
+    return save_model_dir(out, cfg, [initial_member(cfg).state_dict() for _ in range(folds)])
 
 
 def naive(model_dir: Path, folders: list[Path], device: str) -> int:

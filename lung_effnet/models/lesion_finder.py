@@ -86,6 +86,47 @@ class LesionMapInput(nn.Module):
         return self.pad(torch.cat([x, torch.sigmoid(self.finder(x))], dim=1))
 
 
+class SharedLesionMap(nn.Module):
+    """A fold ensemble whose members read the same finder's map, the map computed once per batch.
+
+    Every fold model carries the finder it was trained with, and a ``pretrain`` finder is the same
+    frozen network in all of them; run inside each member, an ensemble of 5 computes the same map 5
+    times (at 224 px the finder costs ~4x a b0 forward: it keeps full resolution). Here ``finder``
+    runs once and ``ensemble``'s members, their finders taken out (`without_finder`), read its map:
+    the same operations on the same values, so the same probabilities.
+
+    In ``(B, C, S, S)`` float in [0, 1]; out ``ensemble``'s output for ``(B, C + 1, S, S)``.
+    """
+
+    def __init__(self, finder: nn.Module, ensemble: nn.Module):
+        super().__init__()
+        self.finder = finder
+        self.ensemble = ensemble
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ensemble(torch.cat([x, torch.sigmoid(self.finder(x))], dim=1))
+
+
+def shared_finder(members: list[nn.Module]) -> nn.Sequential | None:
+    """The finder of fold models that all carry one with equal weights (what ``pretrain`` gives), or
+    ``None`` (no finder, a member without one, or finders that differ: each member keeps its own)."""
+    if not members or not all(has_finder(m) for m in members):
+        return None
+    first = finder_of(members[0]).state_dict()
+    for member in members[1:]:
+        state = finder_of(member).state_dict()
+        if state.keys() != first.keys() or not all(torch.equal(state[k], first[k]) for k in first):
+            return None
+    return finder_of(members[0])
+
+
+def without_finder(model: nn.Module) -> nn.Module:
+    """``model`` (a fold model with a finder) reading its input's last channel as the map, in place: the
+    stem's padding put back where `LesionMapInput` was. In ``(B, C + 1, S, S)``."""
+    model._conv_stem_padding = cast(LesionMapInput, model._conv_stem_padding).pad
+    return model
+
+
 def attach_finder(model: nn.Module, in_channels: int) -> nn.Module:
     """Put a (random, frozen) folded finder for ``in_channels`` inputs in front of ``model``'s stem, in place.
 

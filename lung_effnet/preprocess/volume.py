@@ -18,12 +18,12 @@ from typing import cast
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy import ndimage
 
 from lung_effnet.config import DataConfig
 from lung_effnet.io.images2d import gray_divisor
 from lung_effnet.io.planes import GRAY, HU
+from lung_effnet.preprocess.area_resize import area_resize_half
 
 BODY_HU = -500.0
 """Tissue denser than this is body (lungs are inside its outline); air and blankets are not."""
@@ -265,9 +265,8 @@ def finish_volume(decoded: DecodedVolume, cfg: DataConfig, device: torch.device 
             first_plane, last_plane = max(a - context, 0) - lo, min(b - 1 + context, z - 1) - lo + 1
             box = None if boxes[a, 0] < 0 else (int(boxes[a, 0]) - region[0], int(boxes[a, 1]) - region[0],
                                                 int(boxes[a, 2]) - region[2], int(boxes[a, 3]) - region[2])
-            resized = _window_pad_resize(block[first_plane:last_plane], box, decoded.scale, low, high, size)
             # float16 before the gather: each plane is converted once, not once per sample using it
-            resized = resized.to(torch.float16)
+            resized = _window_pad_resize(block[first_plane:last_plane], box, decoded.scale, low, high, size)
             # context_planes for samples a..b-1, made on the device (no host round trip a run)
             offsets = torch.arange(-context, context + 1, device=device)
             index = (torch.arange(a, b, device=device)[:, None] + offsets).clamp_(0, z - 1) - (lo + first_plane)
@@ -362,12 +361,15 @@ def _runs(boxes: np.ndarray, first: int, last: int) -> list[tuple[int, int]]:
 
 def _window_pad_resize(planes: torch.Tensor, box: tuple[int, int, int, int] | None, scale: float | None,
                        low: float, high: float, size: int) -> torch.Tensor:
-    """``(n, H, W)`` planes as decoded (HU or grey levels, any dtype) -> ``(n, S, S)`` float32 in
+    """``(n, H, W)`` planes as decoded (HU or grey levels, any dtype) -> ``(n, S, S)`` float16 in
     [0, 1]: crop to ``box`` (``None``: no crop), window (``_window``'s arithmetic), MONAI's
-    symmetric SpatialPad to a square with zeros, area Resize (each plane on its own, as a channel).
+    symmetric SpatialPad to a square with zeros, area Resize (each plane on its own, as a channel;
+    ``area_resize.area_resize_half``: torch's values, faster on the CPU), then float16.
 
     The window is written straight into the padded square: one float copy of the crop instead of
     a windowed copy and then a padded one (the pad is zeros either way, so the values are the same).
+    The chain's clamp after the resize is left out: an average of values in [0, 1] stays in [0, 1]
+    (float rounding is monotone), so it changes nothing.
     """
     x = planes if box is None else planes[:, box[0]:box[1], box[2]:box[3]]
     n, h, w = x.shape
@@ -379,6 +381,4 @@ def _window_pad_resize(planes: torch.Tensor, box: tuple[int, int, int, int] | No
     if scale is not None:
         inner.div_(scale)
     inner.sub_(low).div_(high - low).clamp_(0.0, 1.0)
-    if side != size:
-        square = F.interpolate(square[None], size=(size, size), mode="area")[0]
-    return square.clamp_(0.0, 1.0)
+    return area_resize_half(square, size) if side != size else square.half()

@@ -10,16 +10,18 @@ from sklearn.metrics import roc_auc_score
 from lung_effnet.config import load_config
 from lung_effnet.errors import ConfigError, InputError
 from lung_effnet.explain.gradcam import resolve_target_layer
+from lung_effnet.models.bn_fold import inference_copy
 from lung_effnet.models.factory import load_pretrained
 from lung_effnet.models.lesion_finder import (
     FINDER_KEY_PREFIX,
+    SharedLesionMap,
     finder_network,
     finder_of,
     fold_finder_batchnorm,
     has_finder,
     load_finder,
 )
-from lung_effnet.models.predictor import build_member
+from lung_effnet.models.predictor import FoldEnsemble, build_member
 from lung_effnet.training.finder_training import train_lesion_finder
 from lung_effnet.training.fold import make_optimizer, recalibrate_batchnorm
 
@@ -70,6 +72,47 @@ def test_a_member_reads_the_map_as_one_more_channel_and_keeps_its_input_shape(fi
     assert torch.equal(seen[0][:, :3, :64, :64], x) and torch.allclose(seen[0][:, 3:, :64, :64], map_channel)
     assert any(k.startswith(FINDER_KEY_PREFIX) for k in member.state_dict())  # the fold file carries it
     assert not has_finder(build_member(load_config("demo_cpu", SETTINGS + ["model.lesion_finder=null"])))
+
+
+def _finder_members(finder_file, n: int) -> list[torch.nn.Module]:
+    """``n`` fold models with the finder of ``finder_file`` and classifiers of their own."""
+    cfg = load_config("demo_cpu", SETTINGS + [f"model.lesion_finder={finder_file}"])
+    members = []
+    for seed in range(n):
+        torch.manual_seed(seed)
+        member = _randomise(build_member(cfg), seed)
+        torch.nn.init.normal_(member._fc.weight, 0.0, 0.3)  # a zero head would hide a wrong input
+        load_finder(member, finder_file)
+        members.append(member.eval())
+    return members
+
+
+def test_scoring_runs_a_finder_the_folds_share_once_with_the_same_probabilities(finder_file):
+    ensemble = FoldEnsemble(_finder_members(finder_file, 3)).eval()
+    fast = inference_copy(ensemble)
+    calls = []
+    for module in fast.modules():
+        if isinstance(module, torch.nn.Sequential) and module is not fast:
+            module.register_forward_hook(lambda *_: calls.append(1))
+    x = torch.rand(4, 3, 64, 64)
+    with torch.no_grad():
+        expected, got = ensemble(x), fast(x)
+    assert isinstance(fast, SharedLesionMap) and len(calls) == 1  # one finder, run once a batch
+    assert (expected.max(1).values - expected.min(1).values).min() > 0.05
+    assert torch.allclose(got, expected, atol=1e-6, rtol=0)
+    assert all(has_finder(m) for m in ensemble.members)  # the original keeps its members' finders
+
+
+def test_folds_with_different_finders_each_keep_their_own(finder_file):
+    members = _finder_members(finder_file, 2)
+    with torch.no_grad():
+        finder_of(members[1])[0].weight.mul_(1.5)
+    ensemble = FoldEnsemble(members).eval()
+    fast = inference_copy(ensemble)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(fast(x), ensemble(x), atol=1e-6, rtol=0)
+    assert not isinstance(fast, SharedLesionMap)
 
 
 def test_training_moves_the_classifier_and_never_the_finder(finder_file):
