@@ -1,5 +1,5 @@
 """Area resize (MONAI ``Resize(mode="area")``, i.e. torch's ``adaptive_avg_pool2d``) to float16, exact and
-about twice as fast on the CPU.
+about 1.5x as fast on the CPU (0.53 -> 0.34 ms for a 390 px plane to 224 px).
 
 Why: scoring resizes every slice of an archive, and torch's CPU kernel spends ~10 ns on each output pixel
 working out its window (integer divisions), ~0.5 ms for a 224 x 224 plane whatever the input size: two
@@ -12,7 +12,7 @@ channels (one window computation per output row or column, shared by the whole r
 torch's, so the mean is the same up to float rounding); (2) exact rounding: the reference sums a window's
 pixels in row-major order in float32 and divides by its height, then by its width. The two means differ by
 at most a few units in the last place of float32 (bound below), so wherever the float16 value is the same
-at both ends of that error interval it is the reference's float16 value; the pixels where it is not (about
+at both ends of that error interval it is the reference's float16 value; the pixels where it is not (under
 1 in 100, those lying next to a float16 rounding boundary) are recomputed with the reference's arithmetic,
 operation for operation. ``tests/preprocess/test_area_resize.py`` checks it bit for bit against
 ``F.interpolate`` and shows the approximation alone is not exact.

@@ -125,6 +125,7 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MMAP_THRESHOLD = 32 << 20
 """glibc's upper limit for ``M_MMAP_THRESHOLD`` on 64-bit systems."""
 TRIM_THRESHOLD = 512 << 20
+"""Free memory at the top of a worker's heap kept before any is given back to the kernel."""
 
 
 def reuse_freed_memory() -> None:
