@@ -24,7 +24,7 @@ def _windowed_ct(n: int, height: int, width: int, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("height, width, size", [(225, 225, 224), (301, 301, 224), (390, 390, 224), (447, 447, 224),
                                                  (512, 512, 224), (700, 640, 224), (1024, 1000, 96), (224, 300, 96),
-                                                 (97, 97, 96), (150, 131, 64)])
+                                                 (97, 97, 96), (150, 131, 64), (40, 57, 96)])
 def test_equals_torch_s_area_resize_bit_for_bit(height, width, size):
     for n, planes in ((1, _windowed_ct(1, height, width, seed=height)), (5, torch.rand(5, height, width))):
         got = area_resize_half(planes, size)
