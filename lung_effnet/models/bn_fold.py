@@ -11,7 +11,7 @@ that an eval-mode model does not need is paid per slice. In MONAI's EfficientNet
 - the lesion finder each member carries (``models.lesion_finder``): the same frozen network in
   every fold of a ``pretrain``-started model, so it runs once for all (``SharedLesionMap``). At
   224 px it is the larger part of the work: 5-fold b0 with the default finder, batch 32, 2 threads,
-  221 -> 104 ms a slice.
+  248 ms a slice as trained, 103 ms as this copy (``benchmarks/bench_ensemble.py``).
 
 Measured on the development machine (2 cores, 5-fold b0 at 96 px, batch 32): ~30% less time per
 slice, probabilities equal to within 6e-8 (float32 rounding; ``tests/models/test_bn_fold.py``).
