@@ -123,7 +123,7 @@ def init_worker(run_pid: int | None = None, gpu_decode: bool = False) -> None:
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 """glibc ``mallopt`` parameters (``malloc.h``)."""
 MMAP_THRESHOLD = 32 << 20
-"""glibc's upper limit for ``M_MMAP_THRESHOLD`` on 64-bit systems."""
+"""glibc's documented maximum for ``M_MMAP_THRESHOLD`` on 64-bit systems (``mallopt(3)``)."""
 TRIM_THRESHOLD = 512 << 20
 """Free memory at the top of a worker's heap kept before any is given back to the kernel."""
 

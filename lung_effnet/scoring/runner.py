@@ -165,7 +165,7 @@ def prepared_units(units: list[ScoreUnit], cfg, pool: ProcessPoolExecutor | None
         while True:
             # no prefetch for the last units: queued behind a busy worker they would wait while this
             # process, out of units, waits for them
-            while len(pending) < workers + (PREFETCH if len(queue) > workers + PREFETCH else 0) and queue:
+            while len(pending) < max(workers, 1) + (PREFETCH if len(queue) > workers + PREFETCH else 0) and queue:
                 queued = queue.popleft()
                 pending[pool.submit(prepare_unit, queued, cfg, finish)] = queued
             if not pending:

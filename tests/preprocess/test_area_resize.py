@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from lung_effnet.preprocess import area_resize
-from lung_effnet.preprocess.area_resize import adaptive_windows, area_resize_half
+from lung_effnet.preprocess.area_resize import FAST_MIN_OUTPUTS, adaptive_windows, area_resize_half
 
 
 def _reference(planes: torch.Tensor, size: int) -> torch.Tensor:
@@ -26,10 +26,23 @@ def _windowed_ct(n: int, height: int, width: int, seed: int) -> torch.Tensor:
                                                  (512, 512, 224), (700, 640, 224), (1024, 1000, 96), (224, 300, 96),
                                                  (97, 97, 96), (150, 131, 64), (40, 57, 96)])
 def test_equals_torch_s_area_resize_bit_for_bit(height, width, size):
-    for n, planes in ((1, _windowed_ct(1, height, width, seed=height)), (5, torch.rand(5, height, width))):
+    fast = -(-FAST_MIN_OUTPUTS // (size * size))  # planes enough for the fast route
+    for planes in (_windowed_ct(1, height, width, seed=height), _windowed_ct(fast, height, width, seed=height),
+                   torch.rand(fast + 3, height, width)):
         got = area_resize_half(planes, size)
-        assert got.dtype == torch.float16 and got.shape == (n, size, size)
+        assert got.dtype == torch.float16 and got.shape == (len(planes), size, size)
         assert torch.equal(got, _reference(planes, size))
+        assert torch.equal(area_resize._fast_area_resize_half(planes, size), got)  # whatever route was taken
+
+
+def test_inputs_outside_the_fast_route_s_conditions_get_torch_s_kernel():
+    """Negative values (the error bound needs one sign), another dtype (the bound is float32's) and a 1 x 1
+    output (torch takes the mean there, in another order): the fast route would differ (seen), the
+    function does not."""
+    gen = torch.Generator().manual_seed(1)
+    for planes, size in ((torch.randn(4, 390, 390, generator=gen), 224), (torch.rand(4, 390, 390, generator=gen).half(), 224),
+                         (torch.rand(40, 256, 256, generator=torch.Generator().manual_seed(1)), 1)):
+        assert torch.equal(area_resize_half(planes, size), F.interpolate(planes[None], (size, size), mode="area")[0].half())
 
 
 def test_the_fast_pass_alone_is_not_exact_and_the_recomputed_pixels_make_it_so(monkeypatch):
@@ -44,6 +57,8 @@ def test_the_fast_pass_alone_is_not_exact_and_the_recomputed_pixels_make_it_so(m
         recomputed.append(len(means))
         return means
 
+    approx = area_resize._pool_rows(area_resize._pool_rows(planes, 224).transpose(1, 2).contiguous(), 224).transpose(1, 2)
+    assert not torch.equal(approx.half(), _reference(planes, 224))  # the separable pass alone misses some
     monkeypatch.setattr(area_resize, "_reference_means", spy)
     assert torch.equal(area_resize_half(planes, 224), _reference(planes, 224))
     assert 0 < recomputed[0] < 0.05 * 4 * 224 * 224  # a few percent at most: the fast pass does the rest
