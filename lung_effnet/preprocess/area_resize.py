@@ -50,8 +50,7 @@ def _fast_area_resize_half(planes: torch.Tensor, size: int) -> torch.Tensor:
     """The fast route of `area_resize_half` (module docstring): ``(n, H, W)`` contiguous float32 >= 0 on
     the CPU, ``size`` > 1."""
     n, h, w = planes.shape
-    rows = _pool_rows(planes, size)                             # (n, size, W): output rows
-    approx = _pool_rows(rows.transpose(1, 2).contiguous(), size).transpose(1, 2).contiguous()  # (n, size, size)
+    approx = _separable_means(planes, size)
     row_starts, row_lengths = adaptive_windows(h, size)
     col_starts, col_lengths = adaptive_windows(w, size)
     kh, kw = int(row_lengths.max()), int(col_lengths.max())
@@ -77,6 +76,13 @@ def adaptive_windows(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor]
     o = torch.arange(n_out)
     starts = o * n_in // n_out
     return starts, ((o + 1) * n_in + n_out - 1) // n_out - starts
+
+
+def _separable_means(planes: torch.Tensor, size: int) -> torch.Tensor:
+    """``(n, H, W)`` contiguous -> ``(n, size, size)`` float32 contiguous: the windows' means, averaged
+    over rows first, then over columns (close to torch's, not bit for bit)."""
+    rows = _pool_rows(planes, size)  # (n, size, W): output rows
+    return _pool_rows(rows.transpose(1, 2).contiguous(), size).transpose(1, 2).contiguous()
 
 
 def _pool_rows(x: torch.Tensor, size: int) -> torch.Tensor:
