@@ -33,6 +33,7 @@ def test_equals_torch_s_area_resize_bit_for_bit(height, width, size):
         assert got.dtype == torch.float16 and got.shape == (len(planes), size, size)
         assert torch.equal(got, _reference(planes, size))
         assert torch.equal(area_resize._fast_area_resize_half(planes, size), got)  # whatever route was taken
+        assert torch.equal(area_resize_half(planes, size, nonnegative=True), got)  # the caller's promise: no check
 
 
 def test_inputs_outside_the_fast_route_s_conditions_get_torch_s_kernel():
