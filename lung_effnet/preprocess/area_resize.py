@@ -58,10 +58,13 @@ def _fast_area_resize_half(planes: torch.Tensor, size: int) -> torch.Tensor:
     kh, kw = int(row_lengths.max()), int(col_lengths.max())
     # Error bound (all terms >= 0, so relative bounds hold in any summation order): the reference's sum
     # of k = kh * kw terms and its two divisions are off by at most (k + 1) u relatively, the
-    # approximation's two averages (a sum and a division each) by (kh + kw) u; u more for rounding the
-    # products below, and u for the second-order terms (under k^2 u^2). Rounded up to an even multiple of u
-    # so that 1 - eps and 1 + eps are exact in float32 (spacing u below 1, 2u above).
-    eps = 2 * -(-(kh * kw + kh + kw + 3) // 2) * UNIT_ROUNDOFF
+    # approximation's two averages (a sum and a division each) by (kh + kw) u, u more for rounding the
+    # products below: m u to first order; the second-order terms are under (m u)^2, i.e. ceil(m^2 u) u
+    # (one u up to 64 x 64 windows). Rounded up to an even multiple of u so that 1 - eps and 1 + eps are
+    # exact in float32 (spacing u below 1, 2u above): 18u for the 3 x 3 windows of ~450 -> 224 px.
+    first_order = kh * kw + kh + kw + 2
+    units = first_order - (-first_order * first_order // 2 ** 24)
+    eps = 2 * -(-units // 2) * UNIT_ROUNDOFF
     out = (approx * (1 - eps)).half()
     # compared as bit patterns: int16 compares vectorise, float16 ones convert first (NaN, if any, is
     # NaN at both ends and in the reference)

@@ -245,8 +245,15 @@ def finish_volume(decoded: DecodedVolume, cfg: DataConfig, device: torch.device 
         ``(Z, 2 * cfg.context_slices + 1, S, S)`` float16 in [0, 1] on ``device`` (``out`` if given).
     """
     context, size, z = cfg.context_slices, cfg.image_size, len(decoded)
+    shape = (z, 2 * context + 1, size, size)
     if out is None:
-        out = torch.empty((z, 2 * context + 1, size, size), dtype=torch.float16, device=device)
+        out = torch.empty(shape, dtype=torch.float16, device=device)
+    elif (tuple(out.shape) != shape or out.dtype != torch.float16 or not out.is_contiguous()
+          or out.device.type != torch.device(device).type):  # "cuda" is out's "cuda:0"
+        # the gather below writes through a view with ``out=``: a wrong shape would not raise there,
+        # it would resize the view and write past this volume's rows
+        raise ValueError(f"out must be a contiguous float16 tensor of shape {shape} on {device}, "
+                         f"not {out.dtype} {tuple(out.shape)} on {out.device}")
     low, high = window_bounds(cfg, decoded.intensity)
     boxes = decoded.boxes
     for first in range(0, z, VOLUME_CHUNK):

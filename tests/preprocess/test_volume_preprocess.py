@@ -81,6 +81,23 @@ def test_the_scoring_device_path_equals_the_cpu_path(clinical_volume):
     assert np.array_equal(decoded.planes.numpy(), hu)  # windowing worked on copies
 
 
+def test_finish_volume_writes_into_out_and_refuses_one_it_cannot_fill(clinical_volume):
+    """``out``: a slice of a unit's images, written in place and nothing beside it; one of another
+    shape, dtype or layout is an error, not rows written past its end (the gather writes with ``out=``)."""
+    hu, spacing = clinical_volume
+    cfg = DataConfig(image_size=96, context_slices=1, crop="lung")
+    decoded = volume_boxes(hu, "HU", cfg, spacing)
+    z = len(hu)
+    images = torch.full((z + 2, 3, 96, 96), 7.0, dtype=torch.float16)
+    assert finish_volume(decoded, cfg, "cpu", out=images[1:z + 1]).data_ptr() == images[1].data_ptr()
+    np.testing.assert_array_equal(images[1:z + 1].numpy(), preprocess_volume(hu, "HU", cfg, spacing))
+    assert (images[0] == 7).all() and (images[-1] == 7).all()
+    for bad in (torch.empty((z, 1, 96, 96), dtype=torch.float16), torch.empty((z - 1, 3, 96, 96), dtype=torch.float16),
+                torch.empty((z, 3, 96, 96)), torch.empty((z, 96, 96, 3), dtype=torch.float16).permute(0, 3, 1, 2)):
+        with pytest.raises(ValueError, match="out must be"):
+            finish_volume(decoded, cfg, "cpu", out=bad)
+
+
 @pytest.mark.parametrize("scale", [1.0, 16.0, 257.0])  # 8-bit, 12-bit and 16-bit grey
 def test_grey_images_equal_the_per_sample_chain(scale):
     grey = np.random.default_rng(0).integers(0, 256, (1, 70, 45)).astype(np.float32) * scale
